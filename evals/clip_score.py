@@ -1,0 +1,55 @@
+"""CLIP score: 100 x cosine similarity between an image and its prompt, in CLIP space.
+
+Matches torchmetrics' `CLIPScore` exactly (checked in tests/test_clip_score.py). Note what
+torchmetrics actually computes, which is not quite its docstring's formula: each pair scores
+100 * cos(image, text), the scores are averaged, and only the average is clamped at 0:
+
+    CLIPScore(set) = max(mean_i 100 cos(I_i, C_i), 0)
+
+So the per-image score (torchmetrics on a single pair) is max(100 cos, 0), but the set's score
+is not the mean of the per-image scores when some cosines are negative. We keep the raw
+(unclamped) per-pair scores as the primitive, so the aggregate and its bootstrap interval can be
+computed from them exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _unit(x, what) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected [n, dim] embeddings, got shape {x.shape}")
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norm == 0).any():
+        raise ValueError(f"{what}: {int((norm == 0).sum())} embedding(s) have zero norm")
+    return x / norm
+
+
+def raw_clip_scores(image_emb, text_emb) -> np.ndarray:
+    """100 * cos(image_i, text_i) per pair, unclamped, float64 [n]."""
+    a, b = _unit(image_emb, "image embeddings"), _unit(text_emb, "text embeddings")
+    if a.shape != b.shape:
+        raise ValueError(f"image embeddings {a.shape} and text embeddings {b.shape} must pair up row by row")
+    return 100.0 * (a * b).sum(axis=1)
+
+
+def clip_score_per_image(image_emb, text_emb) -> np.ndarray:
+    """Per-image CLIP score, max(100 cos, 0): what torchmetrics reports for one image-text pair."""
+    return np.maximum(raw_clip_scores(image_emb, text_emb), 0.0)
+
+
+def aggregate_clip_score(raw_scores, axis=None):
+    """The set's CLIP score from raw per-pair scores: max(mean, 0), like torchmetrics.
+    Accepts `axis` so that `evals.stats.bootstrap_ci` can vectorise over resamples."""
+    mean = np.mean(np.asarray(raw_scores, dtype=np.float64), axis=axis)
+    return np.maximum(mean, 0.0)
+
+
+def clip_score(image_emb, text_emb) -> float:
+    """torchmetrics `CLIPScore` of a set of (image, prompt) embedding pairs."""
+    raw = raw_clip_scores(image_emb, text_emb)
+    if raw.size == 0:
+        raise ValueError("clip_score needs at least one image-text pair")
+    return float(aggregate_clip_score(raw))
