@@ -60,7 +60,18 @@ def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     """Symmetric square root of a (numerically) PSD matrix."""
     w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tol = np.abs(w).max(initial=0.0) * w.shape[0] * np.finfo(np.float64).eps  # see _trace_sqrt_psd
+    return (v * np.sqrt(np.where(w > tol, w, 0.0))) @ v.T
+
+
+def _trace_sqrt_psd(m: np.ndarray) -> float:
+    """tr(m^{1/2}) for symmetric PSD m, from its eigenvalues. Eigenvalues below the round-off
+    level (max |lambda| * size * machine eps, the rank cutoff `pinv` uses) are taken as 0: for a
+    singular m (n < dim) round-off leaves +-1e-16 relative noise on the zero eigenvalues, and
+    sqrt would amplify each to 1e-8 relative."""
+    lam = np.linalg.eigvalsh(m)
+    tol = np.abs(lam).max(initial=0.0) * m.shape[-1] * np.finfo(np.float64).eps
+    return float(np.sqrt(np.where(lam > tol, lam, 0.0)).sum())
 
 
 def _check_pair(mu1, sigma1, mu2, sigma2):
@@ -81,7 +92,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, sqrt_sigma1: np.ndarray | None
     mu1, sigma1, mu2, sigma2 = _check_pair(mu1, sigma1, mu2, sigma2)
     r = _psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
     m = r @ sigma2 @ r
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    tr_covmean = _trace_sqrt_psd((m + m.T) / 2)
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
     # Exact arithmetic gives >= 0; only round-off (~1e-12 of the traces) can go below.
@@ -95,7 +106,7 @@ def _fid_features_vs_stats(x: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndar
     xc = x - mu
     a = (xc @ sqrt_ref) / np.sqrt(n - 1)
     g = a @ a.T if n < d else a.T @ a
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(g), 0, None)).sum()
+    tr_covmean = _trace_sqrt_psd(g)
     diff = mu - mu_ref
     value = diff @ diff + (xc * xc).sum() / (n - 1) + np.trace(sigma_ref) - 2 * tr_covmean
     return float(max(value, 0.0))

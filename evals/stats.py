@@ -104,7 +104,8 @@ def fid_bootstrap_samples(feats_gen, ref: RefStats, n_boot: int = 200, seed: int
             zb = zb - zb.mean(axis=1, keepdims=True)
             g = np.einsum("bni,bnj->bij", zb, zb)
         lam = np.linalg.eigvalsh(g / (n - 1))
-        tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum(axis=1)
+        tol = np.abs(lam).max(axis=1, keepdims=True) * lam.shape[1] * np.finfo(np.float64).eps
+        tr_covmean = np.sqrt(np.where(lam > tol, lam, 0.0)).sum(axis=1)  # same cutoff as evals.fid
         diff = mu - ref.mu
         fid = (diff * diff).sum(axis=1) + tr_gen + tr_ref - 2 * tr_covmean
         out.append(np.maximum(fid, 0.0).reshape(b))
