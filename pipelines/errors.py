@@ -1,0 +1,9 @@
+"""The one exception family the jobs turn into exit code 2 and a one-line message.
+
+Bad input (a manifest, a flag, a models file, a sweep spec) is the user's to fix, so
+it gets a sentence naming what was wrong, not a traceback.
+"""
+
+
+class InputError(ValueError):
+    """Bad input, found before any work was done or anything was written."""

@@ -1,0 +1,126 @@
+"""generate(model, rows) -> one result per row: pixels, status, timing.
+
+Rows are grouped by configuration (scheduler, steps, guidance, size), because one
+diffusers call runs one configuration; each row brings its own prompt, negative prompt
+and seeded generator, so its image does not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import groupby
+
+import numpy as np
+import torch
+
+from pipelines.models import LoadedModel
+from pipelines.schedulers import make_scheduler
+from pipelines.seeding import row_generators
+
+CONFIG_KEY = ("scheduler", "steps", "guidance", "height", "width")
+
+
+@dataclass
+class RowResult:
+    sample_id: str
+    pixels: np.ndarray | None  # uint8 [H, W, 3], None on error
+    status: str  # "ok" | "error"
+    error: str | None
+    gen_seconds: float  # this image's share of its batch's wall time
+    batch_size: int
+    prompt_truncated: bool
+
+
+def config_of(row: dict) -> tuple:
+    return tuple(row[k] for k in CONFIG_KEY)
+
+
+def generate(model: LoadedModel, rows: list[dict], max_batch_size: int = 8) -> list[RowResult]:
+    """Results in the order of `rows`. Non-finite images and rows that fail even alone
+    (e.g. out of memory at batch size 1) become status="error" results, not exceptions."""
+    order = sorted(range(len(rows)), key=lambda i: config_of(rows[i]))
+    results: dict[int, RowResult] = {}
+    for _, group in groupby(order, key=lambda i: config_of(rows[i])):
+        group = list(group)
+        for start in range(0, len(group), max_batch_size):
+            chunk = group[start : start + max_batch_size]
+            for i, res in zip(chunk, _run_with_split(model, [rows[i] for i in chunk])):
+                results[i] = res
+    return [results[i] for i in range(len(rows))]
+
+
+def _run_with_split(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
+    """Run a batch; on out-of-memory halve it, down to single rows."""
+    try:
+        return run_batch(model, rows)
+    except torch.OutOfMemoryError as e:
+        _free_memory()
+        if len(rows) == 1:
+            return [_error(rows[0], f"out of memory at batch size 1: {str(e).splitlines()[0]}")]
+        half = len(rows) // 2
+        return _run_with_split(model, rows[:half]) + _run_with_split(model, rows[half:])
+    except Exception as e:  # isolate the row that fails, keep the others
+        if len(rows) == 1:
+            return [_error(rows[0], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
+        return [r for row in rows for r in _run_with_split(model, [row])]
+
+
+def run_batch(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
+    """One diffusers call for rows that share a configuration."""
+    scheduler, steps, guidance, height, width = config_of(rows[0])
+    pipe = model.pipe
+    seeds = [int(r["seed"]) for r in rows]
+    pipe.scheduler = make_scheduler(scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
+    prompts = [r["prompt"] for r in rows]
+    negatives = [r.get("negative_prompt") or "" for r in rows]
+    truncated = prompts_truncated(pipe, prompts, model.spec.max_prompt_tokens)
+    kwargs = dict(
+        prompt=prompts,
+        num_inference_steps=int(steps),
+        guidance_scale=float(guidance),
+        height=int(height),
+        width=int(width),
+        generator=row_generators(seeds),
+        output_type="np",
+    )
+    if guidance > 1 or any(negatives):
+        kwargs["negative_prompt"] = negatives
+    _sync(model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        images = pipe(**kwargs).images
+    _sync(model.device)
+    per_image = (time.perf_counter() - t0) / len(rows)
+    out = []
+    for row, img, trunc in zip(rows, images, truncated):
+        if not np.isfinite(img).all():
+            out.append(_error(row, "non-finite pixels in the decoded image (NaN/inf)", per_image, len(rows), trunc))
+            continue
+        pixels = (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        out.append(RowResult(row["sample_id"], pixels, "ok", None, per_image, len(rows), trunc))
+    return out
+
+
+def prompts_truncated(pipe, prompts: list[str], max_tokens: int) -> list[bool]:
+    """Whether each prompt is longer than the text encoder reads (diffusers cuts it)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return [False] * len(prompts)
+    limit = min(max_tokens, getattr(tokenizer, "model_max_length", max_tokens))
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    return [n > limit for n in lengths]
+
+
+def _error(row, message, seconds=0.0, batch_size=1, truncated=False) -> RowResult:
+    return RowResult(row["sample_id"], None, "error", message, seconds, batch_size, truncated)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
