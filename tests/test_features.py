@@ -3,6 +3,8 @@ CLIP directories (a tiny random CLIPModel stands in for the embedded one: same c
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +132,55 @@ def test_inception_weights_round_trip_through_file(random_inception, weights_fil
     assert not fe.has_text
     with pytest.raises(NotImplementedError, match="no text tower"):
         fe.embed_text(["a red circle"])
+
+
+def _torch_fidelity_inception_class():
+    """torch-fidelity's FeatureExtractorInceptionV3 (what torchmetrics' FID runs), compiled from
+    its installed source. Importing the package pulls in torchvision (no CPU build here), so we
+    take its two torch-only files and supply four trivial helpers (base class, assert, dtype
+    lookup, kwarg lookup); the network and its weight loading are torch-fidelity's own code."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        pytest.skip("torch-fidelity not installed (pip install --no-deps torch-fidelity==0.4.0)")
+    root = Path(list(spec.submodule_search_locations)[0])
+
+    def run(file, ns):
+        tree = ast.parse((root / file).read_text())
+        body = [n for n in tree.body if not (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("torch_fidelity"))]
+        exec(compile(ast.Module(body, []), f"torch_fidelity/{file}", "exec"), ns)
+        return ns
+
+    class FeatureExtractorBase(torch.nn.Module):
+        def __init__(self, name, features_list):
+            super().__init__()
+            self.name, self.features_list = name, list(features_list)
+
+    def vassert(ok, msg):
+        assert ok, msg
+
+    ns = dict(
+        FeatureExtractorBase=FeatureExtractorBase,
+        vassert=vassert,
+        text_to_dtype=lambda name, default=None: getattr(torch, name or default),
+        get_kwarg=lambda name, kwargs: kwargs.get(name, False),
+        interpolate_bilinear_2d_like_tensorflow1x=run("interpolate_compat_tensorflow.py", {})[
+            "interpolate_bilinear_2d_like_tensorflow1x"
+        ],
+    )
+    return run("feature_extractor_inceptionv3.py", ns)["FeatureExtractorInceptionV3"]
+
+
+def test_inception_matches_torch_fidelity_network(weights_file):
+    """Same weights file, same 299x299 image: torch-fidelity's network (strict-loading our file)
+    and ours give the same 2048-d features. This pins the TF-port details (pooling without
+    padded zeros, max pool in Mixed_7c, (x - 128) / 128 input scaling)."""
+    reference = _torch_fidelity_inception_class()("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_file))
+    image = _images(1, 299, 299, seed=9)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(image).permute(0, 3, 1, 2))[0].double().numpy()
+    ours = InceptionExtractor(weights_file, device="cpu")(image)
+    assert theirs.std() > 0.01
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
 def test_inception_weights_lookup_order(weights_file, tmp_path, monkeypatch):
