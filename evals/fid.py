@@ -290,6 +290,11 @@ def kernel_inception_distance(
     k(x, y) = (gamma x.y + coef)^degree, gamma = 1/dim by default; std is the sample std (ddof=1).
     Differences from torchmetrics: subset_size is capped at the smaller set (torchmetrics raises),
     and draws come from a seeded numpy generator, so results are reproducible."""
+    if feats_ref is None:
+        raise ValueError(
+            "KID needs reference features, not just mu/sigma: build the reference with "
+            "save_stats(..., features=feats) / reference_stats(..., keep_features=True)"
+        )
     x = _as_features(feats_gen, "generated features")
     y = _as_features(feats_ref, "reference features")
     if x.shape[1] != y.shape[1]:

@@ -7,8 +7,14 @@ import pytest
 
 from evals.clip_score import aggregate_clip_score
 from evals.diversity import diversity_by_prompt, mean_pairwise_cosine_distance, vendi_score
-from evals.fid import RefStats, feature_stats, fid_from_features, frechet_distance
-from evals.stats import bootstrap_ci, fid_bootstrap_ci, fid_bootstrap_samples, weak_comparison_warnings
+from evals.fid import RefStats, feature_stats, fid_from_features, frechet_distance, kernel_inception_distance
+from evals.stats import (
+    bootstrap_ci,
+    fid_bootstrap_ci,
+    fid_bootstrap_samples,
+    kid_bootstrap_ci,
+    weak_comparison_warnings,
+)
 
 # ----------------------------------------------------------------------------- diversity
 
@@ -125,6 +131,23 @@ def test_fid_bootstrap_ci_brackets_the_point_estimate_and_shrinks_with_n():
     assert hi_l - lo_l < 0.5 * (hi_s - lo_s)
     raw_lo, raw_hi = fid_bootstrap_ci(small, ref, n_boot=200, recenter=False)
     assert raw_lo > lo_s  # resampling duplicates images: raw bootstrap FIDs sit higher
+
+
+def test_kid_bootstrap_ci_brackets_kid_and_shrinks_with_n():
+    rng = np.random.default_rng(7)
+    ref, gen = rng.normal(size=(400, 16)), rng.normal(size=(400, 16)) + 0.15
+    small, large = gen[:60], gen
+    for g in (small, large):
+        kid, _ = kernel_inception_distance(g, ref, subsets=1, subset_size=len(g))  # full set: exact
+        lo, hi = kid_bootstrap_ci(g, ref, n_boot=300, subset_size=400, seed=1)
+        if len(g) == len(ref):
+            assert lo < kid < hi
+    lo_s, hi_s = kid_bootstrap_ci(small, ref, n_boot=300, subset_size=400)
+    lo_l, hi_l = kid_bootstrap_ci(large, ref, n_boot=300, subset_size=400)
+    assert lo_s < hi_s and hi_l - lo_l < hi_s - lo_s
+    assert kid_bootstrap_ci(small, ref, seed=3) == kid_bootstrap_ci(small, ref, seed=3)
+    with pytest.raises(ValueError, match="reference features"):
+        kid_bootstrap_ci(small, None)
 
 
 def test_weak_comparison_warnings():

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -134,18 +136,31 @@ def test_inception_weights_round_trip_through_file(random_inception, weights_fil
         fe.embed_text(["a red circle"])
 
 
+def _torch_fidelity_source():
+    """Reader for torch-fidelity's source files: the installed package, else a wheel in
+    $DIFFSWEEP_TEST_WHEELS or ./.whl (`pip download --no-deps torch-fidelity==0.4.0 -d .whl`).
+    Installing it is not an option here: without torchvision an installed torch-fidelity breaks
+    `import torchmetrics.image.fid` (torchmetrics imports it whenever it is installed)."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is not None:
+        root = Path(list(spec.submodule_search_locations)[0])
+        return lambda file: (root / file).read_text()
+    dirs = [Path(os.environ["DIFFSWEEP_TEST_WHEELS"])] if os.environ.get("DIFFSWEEP_TEST_WHEELS") else []
+    for wheel in sorted(w for d in [*dirs, ROOT / ".whl"] for w in d.glob("torch_fidelity-*.whl")):
+        archive = zipfile.ZipFile(wheel)
+        return lambda file: archive.read(f"torch_fidelity/{file}").decode()
+    pytest.skip("torch-fidelity source not found (pip download --no-deps torch-fidelity==0.4.0 -d .whl)")
+
+
 def _torch_fidelity_inception_class():
     """torch-fidelity's FeatureExtractorInceptionV3 (what torchmetrics' FID runs), compiled from
-    its installed source. Importing the package pulls in torchvision (no CPU build here), so we
-    take its two torch-only files and supply four trivial helpers (base class, assert, dtype
-    lookup, kwarg lookup); the network and its weight loading are torch-fidelity's own code."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        pytest.skip("torch-fidelity not installed (pip install --no-deps torch-fidelity==0.4.0)")
-    root = Path(list(spec.submodule_search_locations)[0])
+    its source. Importing the package pulls in torchvision (no CPU build here), so we take its
+    two torch-only files and supply four trivial helpers (base class, assert, dtype lookup,
+    kwarg lookup); the network and its weight loading are torch-fidelity's own code."""
+    read = _torch_fidelity_source()
 
     def run(file, ns):
-        tree = ast.parse((root / file).read_text())
+        tree = ast.parse(read(file))
         body = [n for n in tree.body if not (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("torch_fidelity"))]
         exec(compile(ast.Module(body, []), f"torch_fidelity/{file}", "exec"), ns)
         return ns

@@ -225,6 +225,8 @@ def test_kid_caps_subset_size_and_rejects_tiny_sets():
     assert np.isfinite(mean) and std >= 0
     with pytest.raises(ValueError, match="at least 2"):
         kernel_inception_distance(np.zeros((1, 4)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="reference features"):
+        kernel_inception_distance(np.zeros((5, 4)), None)  # e.g. a clean-fid stats file
 
 
 # ----------------------------------------------------------------------------- stats files
