@@ -120,14 +120,15 @@ def test_inception_state_dict_has_the_published_layout():
 
 
 def test_inception_weights_round_trip_through_file(random_inception, weights_file):
-    """Save -> strict load -> same 2048-d features; batch size does not change them."""
-    images = _images(2)
+    """Save -> strict load -> same 2048-d features. (One image keeps this CPU test quick;
+    batching is shared with the CLIP extractors, whose batch invariance is tested below.)"""
+    images = _images(1)
     x = torch.from_numpy(np.stack([clean_resize(im) for im in images])).permute(0, 3, 1, 2)
     with torch.no_grad():
         direct = random_inception(x).double().numpy()
     fe = InceptionExtractor(weights_file, batch_size=1, device="cpu")
     feats = fe(images)
-    assert feats.shape == (2, 2048) and feats.dtype == np.float64
+    assert feats.shape == (1, 2048) and feats.dtype == np.float64
     assert np.isfinite(feats).all() and feats.std() > 0
     np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-5)
     assert (fe.name, fe.resize_mode, fe.image_size, fe.dim) == ("inception", "clean", 299, 2048)
