@@ -240,7 +240,7 @@ def embedded_clip_dir() -> Path:
         return Path(os.environ[EMBEDDED_CLIP_ENV_VAR])
     spec = importlib.util.find_spec("pipelines")
     if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]) / "embedded" / "clip"
+        return Path(next(iter(spec.submodule_search_locations))) / "embedded" / "clip"
     return Path(__file__).resolve().parents[1] / "pipelines" / "embedded" / "clip"
 
 

@@ -1,4 +1,4 @@
-"""Frechet distance, KID, and reference statistics files (numpy/scipy, float64).
+"""Frechet distance, KID, and reference statistics files (numpy, float64).
 
 Frechet distance between N(mu1, S1) and N(mu2, S2):
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import linalg
 
 STATS_FORMAT_VERSION = 1
 
@@ -142,7 +141,7 @@ class RefStats:
         return self._sqrt_sigma
 
     @classmethod
-    def from_features(cls, feats, extractor=None, resize_mode=None, image_size=None, keep_features=False) -> "RefStats":
+    def from_features(cls, feats, extractor=None, resize_mode=None, image_size=None, keep_features=False) -> RefStats:
         x = _as_features(feats)
         mu, sigma = feature_stats(x)
         return cls(mu, sigma, x.shape[0], extractor, resize_mode, image_size, x if keep_features else None)
