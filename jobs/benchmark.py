@@ -1,0 +1,678 @@
+#!/usr/bin/env python
+"""Throughput benchmark: plain diffusers vs diffsweep's actor vs the full Ray Data job.
+
+    python jobs/benchmark.py --suite throughput --model sd15 --batch-sizes 1,4,16 --out bench/
+    python jobs/benchmark.py --suite throughput --model tiny-random --rows 8 --steps 4 --out /tmp/b   # CPU smoke
+
+For each model and batch size, on the same machine and the same rows:
+  plain   StableDiffusion(XL)Pipeline called the way a user calls it (after one warm-up);
+  actor   jobs.generate.GenerateActor called in-process on pandas batches (after one warm-up):
+          the generate step with nothing of Ray around it;
+  ray     jobs.generate.main(...), timed from submit to last row committed (Ray already up).
+It reports images/s, s/image, model FLOPs utilisation (FLOPs counted once per model and
+size with FlopCounterMode), peak memory, Ray overhead (Ray job images/s / actor images/s)
+and whether the actor's pixels equal plain diffusers' (and the Ray job's equal the
+actor's). `sd15` and `sdxl` are built from their real configs with random weights (timing
+does not depend on weights; nothing is downloaded); other names come from the registry.
+
+Outputs in --out: throughput.json, throughput.parquet, throughput.md. With --history
+FILE.parquet the records are appended there, and each is compared with the median
+images/s of the previous --window runs of the same (suite, model, device, batch, path,
+dtype, steps, size).
+
+Exit codes: 0 ok; 2 bad input (unknown model, missing weights, bad flag);
+3 throughput regression (some path below (1 - --tolerance) x its history median);
+4 pixel check failed (actor vs plain diffusers, or Ray job vs actor, beyond --pixel-tolerance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a script from any directory
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipelines.errors import InputError  # noqa: E402
+
+EXIT_REGRESSION = 3
+EXIT_PIXELS = 4
+PATHS = ("plain", "actor", "ray")
+PATH_LABEL = {"plain": "plain diffusers", "actor": "diffsweep actor", "ray": "diffsweep Ray job"}
+HISTORY_KEY = ["suite", "model", "device_name", "batch_size", "path", "dtype", "steps", "height", "width"]
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name; anything else: --peak-tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="throughput", choices=["throughput"], help="which benchmark (default throughput)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME",
+                   help="model to time; repeatable. sd15/sdxl: real architecture, random weights. "
+                        "Default: sd15, sdxl, embedded on a GPU; embedded (else tiny-random) on CPU")
+    p.add_argument("--models", default=None, metavar="FILE", help="extra models YAML, as for jobs/generate.py")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default 1,4,16 on GPU; 1,4 on CPU)")
+    p.add_argument("--rows", type=int, default=None, help="timed images per path and batch size (default 4 x batch, >= 4)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--size", default=None, help="N or HxW (default: the model's)")
+    p.add_argument("--scheduler", default="ddim", help="scheduler registry name (default ddim)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="auto: the model's half type on GPU, float32 on CPU")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma list of plain,actor,ray (default all)")
+    p.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
+    p.add_argument("--work-dir", default=None, help="where random-weight models are saved (default OUT/_work)")
+    p.add_argument("--history", default=None, metavar="FILE.parquet", help="append records here and check for regressions")
+    p.add_argument("--tolerance", type=float, default=0.1, help="allowed images/s drop vs the history median (default 0.1)")
+    p.add_argument("--window", type=int, default=5, help="previous runs the median is taken over (default 5)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default by name: H100/H200 989, A100 312; CPU: a measured fp32 matmul)")
+    p.add_argument("--pixel-tolerance", type=int, default=1, help="max |difference| in 0..255 levels (default 1)")
+    args = p.parse_args(argv)
+    args.command = "python jobs/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
+    bad = [s for s in args.paths if s not in PATHS]
+    if bad or not args.paths:
+        p.error(f"--paths: got {bad or args.paths}; expected a comma list of {', '.join(PATHS)}")
+    if args.batch_sizes is not None:
+        try:
+            args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            p.error(f"--batch-sizes {args.batch_sizes!r}: expected a comma list of integers")
+        if not args.batch_sizes or min(args.batch_sizes) < 1:
+            p.error("--batch-sizes: expected positive integers")
+    if args.size is not None:
+        try:
+            h, _, w = args.size.lower().partition("x")
+            args.size = (int(h), int(w or h))
+        except ValueError:
+            p.error(f"--size {args.size!r}: expected N or HxW")
+    for flag in ("rows", "steps", "window"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag} must be >= 1, got {v}")
+    if not 0 <= args.tolerance < 1:
+        p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    return args
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device() -> tuple[str, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_name()
+    return "cpu", _cpu_name()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_cpu_matmul_tflops(n: int = 1024, seconds: float = 0.5) -> float:
+    """What this CPU sustains on an fp32 matmul: the practical ceiling MFU is measured against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops(args, device: str, device_name: str, dtype: str) -> tuple[float | None, str]:
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    if device == "cuda":
+        for key, value in PEAK_TFLOPS.items():
+            if key in device_name and dtype in ("float16", "bfloat16"):
+                return value, f"{key} dense {dtype} spec"
+        return None, "unknown device peak (pass --peak-tflops)"
+    return measure_cpu_matmul_tflops(), "measured fp32 matmul on this CPU"
+
+
+class PeakMemory:
+    """Peak memory while a block runs. GPU, in-process: torch's max allocated bytes;
+    GPU, other processes (the Ray job): device-wide used memory, sampled, above the start;
+    CPU, in-process: this process's resident set, sampled. None where unknown."""
+
+    def __init__(self, device: str, in_process: bool = True):
+        self.device, self.in_process, self.peak = device, in_process, None
+        self._stop = threading.Event()
+
+    def _used(self) -> int | None:
+        import torch
+
+        if self.device == "cuda" and not self.in_process:
+            free, total = torch.cuda.mem_get_info()
+            return total - free
+        if self.device == "cpu" and self.in_process:
+            try:
+                return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError):
+                return None
+        return None
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            used = self._used()
+            if used is not None:
+                self.peak = max(self.peak or 0, used)
+
+    def __enter__(self):
+        import torch
+
+        if self.device == "cuda" and self.in_process:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = self._used()
+            self.peak = self.base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device == "cuda" and self.in_process:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            if self.peak is not None and not self.in_process and self.base is not None:
+                self.peak -= self.base  # what the job added on the device
+        return False
+
+
+def to_uint8(images) -> list[np.ndarray]:
+    """The actor's conversion (pipelines.generate.run_batch): clip, x255, round."""
+    return [(np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8) for img in images]
+
+
+def max_pixel_diff(a: dict, b: dict) -> int | None:
+    """Largest |a - b| in 0..255 levels over the sample_ids both hold; None if one lacks pixels."""
+    common = [k for k in a if k in b]
+    if not common or any(a[k] is None or b[k] is None for k in common):
+        return None
+    return max(int(np.abs(a[k].astype(np.int16) - b[k].astype(np.int16)).max()) for k in common)
+
+
+# --------------------------------------------------------------------------- models and rows
+
+
+def resolve_models(args, work_dir: Path, device: str):
+    """name -> (ModelSpec, "random" | "trained", architecture name or None). sd15/sdxl (unless the user's --models file
+    names them) are built with random weights and saved as a local diffusers directory, so
+    plain diffusers, the actor and the Ray job all load the same files the usual way."""
+    from pipelines.architectures import ARCHITECTURES, build_random_pipeline
+    from pipelines.models import ModelRegistry, check_available, load_models_yaml, resolve_dtype
+
+    registry = ModelRegistry.with_user_file(args.models)
+    user = set(load_models_yaml(args.models)) if args.models else set()
+    names = args.model or (["sd15", "sdxl", "embedded"] if device == "cuda" else [_cpu_default(registry)])
+    out = {}
+    for name in names:
+        if name in ARCHITECTURES and name not in user:
+            spec = registry.get(name)
+            dtype = resolve_dtype(spec, device, args.dtype)
+            target = work_dir / f"{name}-random-{dtype}"
+            if not (target / "model_index.json").is_file():
+                print(f"[benchmark] building {name} with random weights ({dtype}) in {target}", file=sys.stderr)
+                pipe = build_random_pipeline(name, dtype=dtype, device=device)
+                pipe.save_pretrained(target, safe_serialization=True)
+                del pipe
+                _free(device)
+            out[name] = (replace(spec, source=str(target), variant=None), "random", name)
+        else:
+            spec = registry.get(name)
+            check_available(spec)
+            out[name] = (spec, "random" if name == "tiny-random" else "trained", None)
+    return out
+
+
+def _cpu_default(registry) -> str:
+    from pipelines.models import EMBEDDED_DIR
+
+    if (EMBEDDED_DIR / "model_index.json").is_file():
+        return "embedded"
+    print("[benchmark] the embedded model is not built yet (pipelines/embedded/model); using tiny-random",
+          file=sys.stderr)
+    return "tiny-random"
+
+
+def make_rows(spec, args, n: int):
+    """`n` validated manifest rows for one configuration, as the job would run them."""
+    import pyarrow as pa
+
+    from pipelines.models import ModelRegistry
+    from pipelines.schema import validate_manifest
+
+    colors = ["red", "green", "blue", "yellow", "purple", "orange"]
+    shapes = ["circle", "square", "triangle", "star"]
+    h, w = args.size or (spec.height, spec.width)
+    rows = [dict(prompt=f"a {colors[i % 6]} {shapes[i % 4]} on a white background, sample {i}", seed=1000 + i,
+                 model=spec.name, scheduler=args.scheduler, steps=args.steps or spec.steps,
+                 guidance=spec.guidance if args.guidance is None else args.guidance, height=h, width=w)
+             for i in range(n)]
+    table = validate_manifest(pa.Table.from_pylist(rows), ModelRegistry({spec.name: spec}), spec.name,
+                              source="benchmark rows")
+    return table.to_pandas()
+
+
+# --------------------------------------------------------------------------- the three paths
+
+
+def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, loaded=None):
+    """A user's loop: one pipeline, one scheduler, a call per batch. Returns
+    (seconds, pixels of the first batch by sample_id, peak bytes, loaded model)."""
+    import torch
+
+    from pipelines.models import load_model
+    from pipelines.schedulers import make_scheduler
+
+    if loaded is None:
+        loaded = load_model(spec, device, dtype)
+    pipe = loaded.pipe
+    r0 = rows.iloc[0]
+    pipe.scheduler = make_scheduler(r0.scheduler, loaded.scheduler_config, spec.family)
+    cfg = float(r0.guidance) > 1
+
+    def call(chunk):
+        kwargs = dict(prompt=list(chunk.prompt), num_inference_steps=int(r0.steps), guidance_scale=float(r0.guidance),
+                      height=int(r0.height), width=int(r0.width), output_type="np",
+                      generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk.seed])
+        if cfg:
+            kwargs["negative_prompt"] = list(chunk.negative_prompt)
+        with torch.inference_mode():
+            images = pipe(**kwargs).images
+        _sync(device)
+        return images
+
+    call(rows.iloc[:batch])  # warm-up
+    first = {}
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        for start in range(0, len(rows), batch):
+            chunk = rows.iloc[start:start + batch]
+            images = call(chunk)
+            if start == 0:
+                first = dict(zip(chunk.sample_id, to_uint8(images)))
+        seconds = time.perf_counter() - t0
+    return seconds, first, mem.peak, loaded
+
+
+def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, actor=None):
+    """GenerateActor in this process, on pandas batches of `batch` rows, as Ray would feed it."""
+    from jobs.generate import GenerateActor
+
+    if actor is None:
+        actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None)
+    actor.batch_size = batch  # a plain attribute: the same actor (model loaded once) serves every batch size
+    actor(rows.iloc[:batch])  # warm-up (and model load on first use)
+    outs = []
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        for start in range(0, len(rows), batch):
+            outs.append(actor(rows.iloc[start:start + batch]))
+        seconds = time.perf_counter() - t0
+    out = pd.concat(outs, ignore_index=True)
+    pixels = {sid: (None if raw is None else np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3))
+              for sid, raw, h, w in zip(out.sample_id, out.pixels, out.height, out.width)}
+    errors = out.error[out.status != "ok"].tolist()
+    return seconds, pixels, errors, mem.peak, actor
+
+
+def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, work: Path, models_file):
+    """jobs/generate.py's main() on a manifest of `rows`, from submit to the last row committed."""
+    import yaml
+    from PIL import Image
+
+    from jobs import generate as gen_job
+    from pipelines.models import ModelRegistry
+
+    work.mkdir(parents=True, exist_ok=True)
+    manifest, results = work / "manifest.parquet", work / "results"
+    rows.to_parquet(manifest, index=False)
+    argv = [str(manifest), "--out", str(results), "--batch-size", str(batch), "--dtype", dtype,
+            "--overwrite", "--no-progress"]
+    registered = ModelRegistry.with_user_file(models_file).specs.get(spec.name)
+    if spec != registered:  # a random-weight build: tell the job where it is, as a user would
+        models_file = work / "models.yaml"
+        models_file.write_text(yaml.safe_dump({"models": {spec.name: {
+            k: getattr(spec, k) for k in ("source", "pipeline", "scheduler", "steps", "guidance", "height", "width",
+                                          "family", "gpu_dtype", "size_factor")}}}))
+    if models_file:
+        argv += ["--models", str(models_file)]
+    with PeakMemory(device, in_process=False) as mem:
+        submitted = time.time()
+        t0 = time.perf_counter()
+        rc = gen_job.main(argv)
+        seconds = time.perf_counter() - t0
+        finished = time.time()
+    if rc != 0:
+        raise RuntimeError(f"jobs/generate.py {' '.join(argv)} exited {rc}")
+    df = pd.read_parquet(results)
+    first_start = df.created_at.min().timestamp()  # when the actor began its first batch (model loaded)
+    pixels = {sid: (None if png is None else np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+              for sid, png in zip(df.sample_id, df.image)}
+    return dict(seconds=seconds, startup_s=max(0.0, first_start - submitted),
+                steady_seconds=max(1e-9, finished - first_start), pixels=pixels,
+                errors=df.error[df.status != "ok"].tolist(), peak=mem.peak)
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def run_throughput(args) -> tuple[list[dict], dict]:
+    import diffusers
+    import torch
+
+    from pipelines.architectures import count_flops, flops_per_image
+    from pipelines.models import resolve_dtype
+
+    device, device_name = _device()
+    out_dir = Path(args.out)
+    work_dir = Path(args.work_dir) if args.work_dir else out_dir / "_work"
+    batches = args.batch_sizes or ([1, 4, 16] if device == "cuda" else [1, 4])
+    models = resolve_models(args, work_dir, device)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    env = dict(run_id=run_id, suite=args.suite, created_at=_now(), host=socket.gethostname(), device=device,
+               device_name=device_name, torch_version=torch.__version__, diffusers_version=diffusers.__version__,
+               ray_version=_ray_version() if "ray" in args.paths else None, python=sys.version.split()[0],
+               git_commit=_git_commit(), cpu_count=os.cpu_count(), command=args.command)
+    for spec, _, _ in models.values():
+        make_rows(spec, args, 1)  # bad flags (scheduler, size, steps) fail here, before Ray starts
+    if "ray" in args.paths:
+        _init_ray()
+    records = []
+    for name, (spec, weights, arch) in models.items():
+        dtype = resolve_dtype(spec, device, args.dtype)
+        peak, peak_source = peak_tflops(args, device, device_name, dtype)
+        loaded = actor = None
+        flops = None
+        for batch in batches:
+            n = args.rows or max(4, 4 * batch)
+            rows = make_rows(spec, args, n)
+            r0 = rows.iloc[0]
+            cfg = float(r0.guidance) > 1
+            if flops is None:
+                counts = count_flops(_pipe_for_flops(spec, arch, loaded), int(r0.height), int(r0.width), cfg)
+                flops = flops_per_image(counts, int(r0.steps))
+            base = dict(run_id=run_id, suite=args.suite, model=name, weights=weights, pipeline=spec.pipeline,
+                        device=device, device_name=device_name, dtype=dtype, batch_size=batch, rows=n,
+                        steps=int(r0.steps), height=int(r0.height), width=int(r0.width),
+                        guidance=float(r0.guidance), scheduler=str(r0.scheduler), flops_per_image=flops,
+                        unet_step_flops=counts["unet_step"], vae_decode_flops=counts["vae_decode"],
+                        text_flops=counts["text"], peak_tflops=peak, peak_source=peak_source,
+                        torch_version=env["torch_version"], diffusers_version=env["diffusers_version"],
+                        ray_version=env["ray_version"], host=env["host"], git_commit=env["git_commit"],
+                        created_at=env["created_at"])
+            got = {}
+            print(f"[benchmark] {name} batch {batch}: {n} rows, {int(r0.steps)} steps, "
+                  f"{int(r0.height)}x{int(r0.width)}, {dtype} on {device_name}", file=sys.stderr)
+            if "plain" in args.paths:
+                seconds, plain_px, mem, loaded = time_plain(spec, rows, batch, device, dtype, loaded)
+                got["plain"] = dict(seconds=seconds, peak_mem_bytes=mem)
+            if "actor" in args.paths:
+                if device == "cuda" and loaded is not None and actor is None:
+                    loaded = None  # one copy of the weights on the GPU at a time
+                    _free(device)
+                seconds, actor_px, errors, mem, actor = time_actor(spec, rows, batch, device, dtype, actor)
+                got["actor"] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors))
+                if errors:
+                    print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
+                if "plain" in args.paths:
+                    got["actor"]["pixels_max_diff"] = max_pixel_diff(plain_px, actor_px)
+                    got["actor"]["pixels_compared"] = len(plain_px)
+            if "ray" in args.paths:
+                if device == "cuda":
+                    loaded = actor = None  # the job's actor needs the GPU memory
+                    _free(device)
+                ray = time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models)
+                got["ray"] = dict(seconds=ray["seconds"], peak_mem_bytes=ray["peak"], errors=len(ray["errors"]),
+                                  startup_s=ray["startup_s"], steady_images_per_s=n / ray["steady_seconds"])
+                if "actor" in args.paths:
+                    got["ray"]["pixels_max_diff"] = max_pixel_diff(actor_px, ray["pixels"])
+                    got["ray"]["pixels_compared"] = len(ray["pixels"])
+            for path, g in got.items():
+                ips = n / g["seconds"]
+                rec = dict(base, path=path, seconds=g["seconds"], images_per_s=ips, s_per_image=g["seconds"] / n,
+                           achieved_tflops=ips * flops / 1e12,
+                           mfu=(ips * flops / 1e12 / peak) if peak else None,
+                           peak_mem_bytes=g.get("peak_mem_bytes"), errors=g.get("errors", 0),
+                           pixels_max_diff=g.get("pixels_max_diff"), pixels_compared=g.get("pixels_compared"),
+                           startup_s=g.get("startup_s"), steady_images_per_s=g.get("steady_images_per_s"))
+                if "plain" in got:
+                    rec["vs_plain"] = ips / (n / got["plain"]["seconds"])
+                if path == "ray" and "actor" in got:
+                    actor_ips = n / got["actor"]["seconds"]
+                    rec["ray_overhead_ratio"] = ips / actor_ips
+                    rec["ray_steady_ratio"] = g["steady_images_per_s"] / actor_ips
+                d = rec.get("pixels_max_diff")
+                rec["pixels_match"] = None if "pixels_compared" not in g else (
+                    d is not None and d <= args.pixel_tolerance and rec["errors"] == 0)
+                records.append(rec)
+        loaded = actor = None
+        _free(device)
+    return records, env
+
+
+def _pipe_for_flops(spec, arch, loaded):
+    """FLOPs need only the architecture: a meta-device build when it is a known one, else the model's configs."""
+    from pipelines.architectures import build_random_pipeline
+    from pipelines.models import load_model
+
+    if arch is not None:
+        return build_random_pipeline(arch, device="meta")
+    return loaded.pipe if loaded is not None else load_model(spec, "cpu", "float32").pipe
+
+
+def _init_ray():
+    """Ray up before the clock starts: timing is from job submit, on a running cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}},
+                 log_to_driver=True, logging_level="WARNING")
+
+
+def _ray_version():
+    import ray
+
+    return ray.__version__
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _fmt(v, spec: str, none: str = "n/a") -> str:
+    return none if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def _bytes(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "n/a"
+    return f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.0f} MiB"
+
+
+def markdown(records: list[dict], env: dict) -> str:
+    lines = [f"# Throughput benchmark ({env['run_id']})", "",
+             f"Machine: {env['device_name']} ({env['device']}), host {env['host']}; torch {env['torch_version']}, "
+             f"diffusers {env['diffusers_version']}, ray {env['ray_version'] or '-'}; commit {env['git_commit'] or '-'}.", ""]
+    if env.get("command"):
+        lines += [f"Command: `{env['command']}`", ""]
+    by_model: dict[str, list[dict]] = {}
+    for r in records:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, recs in by_model.items():
+        r0 = recs[0]
+        lines += [f"## {model} ({r0['weights']} weights, {r0['pipeline']})", "",
+                  f"{r0['height']}x{r0['width']}, {r0['steps']} {r0['scheduler']} steps, CFG {r0['guidance']:g}, "
+                  f"{r0['dtype']}. FLOPs per image {r0['flops_per_image'] / 1e12:.4g} TFLOP (UNet step "
+                  f"{r0['unet_step_flops'] / 1e12:.4g}, VAE decode {r0['vae_decode_flops'] / 1e12:.4g}, text "
+                  f"{r0['text_flops'] / 1e12:.4g}); peak {_fmt(r0['peak_tflops'], '.4g')} TFLOP/s ({r0['peak_source']}).",
+                  "", "| path | batch | images/s | s/image | MFU | peak mem | vs plain diffusers |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in recs:
+            lines.append(f"| {PATH_LABEL[r['path']]} | {r['batch_size']} | {r['images_per_s']:.3g} | "
+                         f"{r['s_per_image']:.3g} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
+                         f"{_bytes(r['peak_mem_bytes'])} | {_fmt(r.get('vs_plain'), '.2f', '-')}x |"
+                         .replace("| n/a% |", "| n/a |"))
+        lines.append("")
+        for r in recs:
+            if r["path"] == "ray" and r.get("ray_overhead_ratio") is not None:
+                lines.append(f"- batch {r['batch_size']}: Ray job / actor loop = {r['ray_overhead_ratio']:.3f} end to "
+                             f"end ({r['rows']} rows, {r['startup_s']:.1f} s from submit to the first batch), "
+                             f"{r['ray_steady_ratio']:.3f} after start-up.")
+            if r.get("pixels_match") is not None:
+                other = "plain diffusers" if r["path"] == "actor" else "the actor"
+                lines.append(f"- batch {r['batch_size']}: {PATH_LABEL[r['path']]} vs {other}: max pixel difference "
+                             f"{_fmt(r['pixels_max_diff'], 'd')}/255 over {r['pixels_compared']} images -> "
+                             f"{'same pixels' if r['pixels_match'] else 'MISMATCH'}"
+                             + (f" ({r['errors']} error rows)" if r["errors"] else "") + ".")
+        lines.append("")
+    regressions = [r for r in records if r.get("regression")]
+    if any("baseline_images_per_s" in r for r in records):
+        lines += ["## Against history", ""]
+        for r in records:
+            if r.get("baseline_images_per_s") is not None:
+                lines.append(f"- {r['model']} {PATH_LABEL[r['path']]} batch {r['batch_size']}: {r['images_per_s']:.3g} "
+                             f"images/s vs median {r['baseline_images_per_s']:.3g} of {r['baseline_runs']} runs"
+                             + (" -> REGRESSION" if r.get("regression") else ""))
+        lines += ["", f"Verdict: {'REGRESSION' if regressions else 'ok'}.", ""]
+    return "\n".join(lines)
+
+
+_NUMERIC = ["seconds", "images_per_s", "s_per_image", "achieved_tflops", "mfu", "peak_mem_bytes", "peak_tflops",
+            "flops_per_image", "vs_plain", "ray_overhead_ratio", "ray_steady_ratio", "startup_s",
+            "steady_images_per_s", "pixels_max_diff", "pixels_compared", "baseline_images_per_s", "baseline_runs"]
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(records)
+    for col in _NUMERIC:
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in ("pixels_match", "regression"):
+        if col in df:
+            df[col] = df[col].astype("object")
+    return df
+
+
+def apply_history(records: list[dict], path: str, tolerance: float, window: int) -> bool:
+    """Compare each record with the median images/s of the previous `window` runs of the
+    same key, mark it, append all records to the history file. True if any regressed."""
+    hist_path = Path(path)
+    history = pd.read_parquet(hist_path) if hist_path.exists() else pd.DataFrame()
+    regressed = False
+    for rec in records:
+        rec["baseline_images_per_s"], rec["baseline_runs"], rec["regression"] = None, 0, False
+        if history.empty or not set(HISTORY_KEY) <= set(history.columns):
+            continue
+        mask = np.ones(len(history), dtype=bool)
+        for k in HISTORY_KEY:
+            mask &= (history[k] == rec[k]).to_numpy()
+        prev = history[mask & (history.run_id != rec["run_id"]).to_numpy()]
+        if prev.empty:
+            continue
+        last_runs = prev.sort_values("created_at").run_id.drop_duplicates(keep="last").tail(window)
+        median = float(prev[prev.run_id.isin(last_runs)].groupby("run_id").images_per_s.mean().median())
+        rec["baseline_images_per_s"], rec["baseline_runs"] = median, len(last_runs)
+        rec["regression"] = rec["images_per_s"] < (1 - tolerance) * median
+        regressed |= rec["regression"]
+    new = records_frame(records)
+    combined = new if history.empty else pd.concat([history, new], ignore_index=True)
+    hist_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = hist_path.with_name(f".{hist_path.name}.tmp")
+    records_frame(combined.to_dict("records")).to_parquet(tmp, index=False)
+    os.replace(tmp, hist_path)
+    return regressed
+
+
+def write_outputs(records: list[dict], env: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "throughput.json").write_text(json.dumps({"environment": env, "records": records}, indent=2, default=str))
+    records_frame(records).to_parquet(out_dir / "throughput.parquet", index=False)
+    (out_dir / "throughput.md").write_text(markdown(records, env))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        records, env = run_throughput(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    regressed = apply_history(records, args.history, args.tolerance, args.window) if args.history else False
+    out_dir = Path(args.out)
+    write_outputs(records, env, out_dir)
+    print(markdown(records, env))
+    print(f"[benchmark] wrote {out_dir / 'throughput.md'}, .json, .parquet"
+          + (f"; appended {len(records)} records to {args.history}" if args.history else ""), file=sys.stderr)
+    if any(r.get("pixels_match") is False for r in records):
+        print("[benchmark] pixel check FAILED (exit 4)", file=sys.stderr)
+        return EXIT_PIXELS
+    if regressed:
+        print(f"[benchmark] throughput REGRESSION beyond {args.tolerance:.0%} (exit 3)", file=sys.stderr)
+        return EXIT_REGRESSION
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.benchmark import main as _main  # importable name, like jobs/generate.py
+
+    sys.exit(_main())
