@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -308,7 +309,17 @@ def sha256_prefix(path: Path, n: int = 8) -> str:
 def load_fid_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
     """Build the network and load the real weights (strict); eval mode, no grads."""
     file = find_inception_weights(path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    digest = sha256_prefix(file)
+    if digest != WEIGHTS_SHA256_PREFIX:
+        warnings.warn(
+            f"{file} has sha256 {digest}..., not {WEIGHTS_SHA256_PREFIX}... of the published {WEIGHTS_FILENAME}: "
+            "if it loads, its FIDs are not comparable with published ones",
+            stacklevel=2,
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or a pickle holding more than tensors
+        raise ValueError(f"cannot read {file} as a PyTorch state dict (weights_only=True): {e}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = FIDInceptionV3()

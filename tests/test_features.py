@@ -126,7 +126,8 @@ def test_inception_weights_round_trip_through_file(random_inception, weights_fil
     x = torch.from_numpy(np.stack([clean_resize(im) for im in images])).permute(0, 3, 1, 2)
     with torch.no_grad():
         direct = random_inception(x).double().numpy()
-    fe = InceptionExtractor(weights_file, batch_size=1, device="cpu")
+    with pytest.warns(UserWarning, match="not comparable with published"):  # random weights: other sha256
+        fe = InceptionExtractor(weights_file, batch_size=1, device="cpu")
     feats = fe(images)
     assert feats.shape == (1, 2048) and feats.dtype == np.float64
     assert np.isfinite(feats).all() and feats.std() > 0
@@ -194,7 +195,8 @@ def test_inception_matches_torch_fidelity_network(weights_file):
     image = _images(1, 299, 299, seed=9)
     with torch.no_grad():
         theirs = reference(torch.from_numpy(image).permute(0, 3, 1, 2))[0].double().numpy()
-    ours = InceptionExtractor(weights_file, device="cpu")(image)
+    with pytest.warns(UserWarning, match="sha256"):
+        ours = InceptionExtractor(weights_file, device="cpu")(image)
     assert theirs.std() > 0.01
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
@@ -232,7 +234,10 @@ def test_missing_inception_weights_error_says_what_to_do(tmp_path, monkeypatch):
 def test_wrong_weights_file_is_rejected(tmp_path):
     bad = tmp_path / inc.WEIGHTS_FILENAME
     torch.save({"conv.weight": torch.zeros(3)}, bad)
-    with pytest.raises(ValueError, match="not a state dict of the FID Inception"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="not a state dict of the FID Inception"):
+        inc.load_fid_inception(bad)
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="cannot read .* as a PyTorch state dict"):
         inc.load_fid_inception(bad)
 
 
