@@ -29,6 +29,7 @@ ALT_WEIGHTS_FILENAMES = ("weights-inception-2015-12-05-6726825d.pth",)
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
 )
+# sha256 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (torch hub names files by its prefix)
 WEIGHTS_SHA256_PREFIX = "6726825d"
 ENV_VAR = "DIFFSWEEP_INCEPTION_WEIGHTS"
 CLI_FLAG = "--inception-weights"
