@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weights/activations dtype (auto: the model's half type on GPU, float32 on CPU)")
     p.add_argument("--shard-rows", type=int, default=256, help="rows per committed result shard (default 256)")
     p.add_argument("--flush-seconds", type=float, default=60.0, help="commit a partial shard after this long (default 60)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="retries of a batch whose actor died (killed, node lost); actors are always replaced (default 3)")
     p.add_argument("--overwrite", action="store_true", help="discard existing results in --out")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows still to do (for a smoke run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,7 +132,7 @@ def encode_pngs(batch: pd.DataFrame) -> pd.DataFrame:
 
     images = []
     for raw, h, w in zip(batch["pixels"], batch["height"], batch["width"]):
-        if raw is None:
+        if not isinstance(raw, (bytes, bytearray, memoryview)):  # an error row (None, or NaN after pandas)
             images.append(None)
             continue
         arr = np.frombuffer(raw, dtype=np.uint8).reshape(int(h), int(w), 3)
@@ -183,7 +185,9 @@ def run(args) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}},
+        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
+        ray.init(runtime_env={"env_vars": env},
                  log_to_driver=True, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -209,11 +213,17 @@ def run(args) -> int:
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_gpus=num_gpus,
             num_cpus=args.cpus_per_actor,
+            # Dead actors are always replaced; a batch is retried a bounded number of times.
+            # (Passed as ray_remote_args, which Ray 2.60 marks deprecated without a named
+            # replacement for these two yet.)
+            max_restarts=-1,
+            max_task_retries=args.max_retries,
         )
         .map_batches(encode_pngs, batch_format="pandas", num_cpus=0.5)
     )
-    counts = {"ok": 0, "error": 0}
+    counts = {"ok": 0, "error": 0, "truncated": 0}
     position = {sid: i for i, sid in enumerate(manifest.column("sample_id").to_pylist())}
+    written: set[str] = set()  # a row reaches the output once, even if Ray hands it over twice
     progress = _progress(todo.num_rows, args.no_progress)
     pending: list[pa.Table] = []
     seq, last_flush = 0, time.monotonic()
@@ -226,20 +236,57 @@ def run(args) -> int:
             pending.clear()
         last_flush = time.monotonic()
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        pending.append(_result_table(manifest, position, batch))
-        for status in batch["status"]:
-            counts[status] = counts.get(status, 0) + 1
-        progress.update(len(batch))
-        progress.set_postfix(errors=counts["error"], refresh=False)
-        if sum(t.num_rows for t in pending) >= args.shard_rows or time.monotonic() - last_flush > args.flush_seconds:
-            flush()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            batch = batch[~batch["sample_id"].isin(written)]
+            written.update(batch["sample_id"])
+            pending.append(_result_table(manifest, position, batch))
+            for status in batch["status"]:
+                counts[status] = counts.get(status, 0) + 1
+            counts["truncated"] += int(batch["prompt_truncated"].sum())
+            progress.update(len(batch))
+            progress.set_postfix(errors=counts["error"], refresh=False)
+            if sum(t.num_rows for t in pending) >= args.shard_rows or time.monotonic() - last_flush > args.flush_seconds:
+                flush()
+    except Exception as e:  # a worker failure Ray could not recover from: keep what is done
+        flush()
+        progress.close()
+        this_run.update(failed_at=_now(), ok=counts["ok"], error=counts["error"], shards=seq, failure=_one_line(e))
+        store.write_run(record)
+        print(f"error: generation failed after {len(written)} of {todo.num_rows} rows: {_one_line(e)}\n"
+              f"The {len(written)} finished rows are saved in {args.out}; re-run the same command to resume.",
+              file=sys.stderr)
+        return 1
     flush()
     progress.close()
-    this_run.update(finished_at=_now(), ok=counts["ok"], error=counts["error"], shards=seq)
+    restarts = _actor_restarts()
+    this_run.update(finished_at=_now(), ok=counts["ok"], error=counts["error"], shards=seq,
+                    prompts_truncated=counts["truncated"], actor_restarts=restarts)
     store.write_run(record)
-    print(f"done: {counts['ok']} ok, {counts['error']} error, {n_done} already in {args.out} (skipped)", file=sys.stderr)
+    print(f"done: {counts['ok']} ok, {counts['error']} error, {n_done} already in {args.out} (skipped)"
+          + (f", {restarts} actor restart(s) (their batches were retried)" if restarts else "")
+          + (f"; {counts['truncated']} prompt(s) longer than the text encoder reads were truncated" if counts["truncated"] else ""),
+          file=sys.stderr)
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The innermost cause of a (Ray-wrapped) exception, on one line."""
+    cause = getattr(e, "cause", None) or e.__cause__ or e
+    text = f"{type(cause).__name__}: {cause}"
+    return " ".join(text.split())[:500]
+
+
+def _actor_restarts() -> int | None:
+    """How many generation actors Ray had to replace (None if the state API is unavailable)."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(GenerateActor))")], detail=True, timeout=5,
+                             raise_on_missing_output=False)
+        return int(sum(getattr(a, "num_restarts", 0) or 0 for a in actors))
+    except Exception:
+        return None
 
 
 def _result_table(manifest: pa.Table, position: dict, batch: pd.DataFrame) -> pa.Table:

@@ -1,0 +1,126 @@
+"""Faults injected for real on a local Ray: killed actors, killed drivers, rows that
+always fail, weights that must not load."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from jobs import generate as gen_job
+from tests.conftest import ROOT, write_parquet
+
+
+def manifest(tmp_path, n, steps=4, name="m.parquet", model="tiny-random"):
+    rows = [dict(prompt=f"prompt {i}", seed=i, steps=steps, model=model) for i in range(n)]
+    return write_parquet(tmp_path / name, rows), rows
+
+
+def shards(out):
+    return sorted(out.glob("part-*.parquet")) if out.exists() else []
+
+
+def actor_pids():
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in ps.splitlines() if "MapBatches(GenerateActor)" in line]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_actor_killed_mid_job_is_replaced_and_every_row_finishes(tmp_path, ray_local):
+    path, rows = manifest(tmp_path, 16, steps=6)
+    out = tmp_path / "out"
+    result = {}
+    args = [str(path), "--out", str(out), "--batch-size", "2", "--shard-rows", "2", "--no-progress"]
+    job = threading.Thread(target=lambda: result.setdefault("rc", gen_job.main(args)))
+    job.start()
+    wait_for(lambda: len(shards(out)) >= 1 and actor_pids(), 300, "a first committed shard")
+    killed = actor_pids()
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    job.join(timeout=600)
+    assert result.get("rc") == 0
+    df = pd.read_parquet(out)
+    assert len(df) == 16 and df.sample_id.is_unique and (df.status == "ok").all()
+    workers_after = {int(w.split(":")[1]) for w in df.worker}
+    assert workers_after - set(killed), "a replacement actor should have produced rows"
+
+
+def test_driver_killed_three_times_then_resumed_gives_each_row_once(tmp_path, ray_local):
+    path, rows = manifest(tmp_path, 40, steps=6)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "jobs" / "generate.py"), str(path), "--out", str(out),
+           "--batch-size", "2", "--shard-rows", "2", "--no-progress"]
+    rng = random.Random(0)
+    for attempt in range(3):
+        before = len(shards(out))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: len(shards(out)) > before or proc.poll() is not None, 300, "progress")
+        time.sleep(rng.uniform(0, 0.3))  # somewhere in the middle of the next shard
+        proc.kill()
+        proc.wait()
+    done_before_final = len(pd.read_parquet(out)) if shards(out) else 0
+    assert 0 < done_before_final < 40, "kills should land mid-run"
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-2000:]
+    df = pd.read_parquet(out)
+    expected = pd.read_parquet(path)
+    assert len(df) == 40 and df.sample_id.is_unique
+    assert sorted(df.seed) == sorted(expected.seed)
+    assert (df.status == "ok").all()
+    assert not list(out.glob(".staging-*"))
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory):
+    """A NaN-producing model (safetensors) and a pickled-only model, registered in a YAML."""
+    from pipelines.tiny import build_tiny_sd_pipeline
+
+    tmp = tmp_path_factory.mktemp("models")
+    pipe = build_tiny_sd_pipeline()
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("nan"))
+    pipe.save_pretrained(tmp / "nan-model", safe_serialization=True)
+    build_tiny_sd_pipeline().save_pretrained(tmp / "pickled", safe_serialization=False)
+    spec = {"models": {
+        "nan-model": {"base": "tiny-random", "source": str(tmp / "nan-model"), "pipeline": "StableDiffusionPipeline"},
+        "pickled": {"base": "tiny-random", "source": str(tmp / "pickled"), "pipeline": "StableDiffusionPipeline"},
+    }}
+    (tmp / "models.yaml").write_text(yaml.safe_dump(spec))
+    return tmp / "models.yaml"
+
+
+def test_rows_that_always_fail_end_as_errors_and_the_job_finishes(tmp_path, ray_local, broken_models, capsys):
+    rows = [dict(prompt=f"p{i}", seed=i, steps=2, model="nan-model" if i % 2 else "tiny-random") for i in range(6)]
+    path = write_parquet(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    assert gen_job.main([str(path), "--out", str(out), "--models", str(broken_models), "--no-progress"]) == 0
+    df = pd.read_parquet(out).sort_values("seed")
+    assert list(df.status) == ["ok", "error"] * 3
+    assert df[df.status == "error"].error.str.contains("non-finite").all()
+    assert df[df.status == "error"].image.isna().all()
+    assert "3 ok, 3 error" in capsys.readouterr().err
+
+
+def test_pickled_weights_are_refused_before_any_worker_starts(tmp_path, broken_models, capsys):
+    path = write_parquet(tmp_path / "m.parquet", [dict(prompt="a", model="pickled")])
+    assert gen_job.main([str(path), "--out", str(tmp_path / "out"), "--models", str(broken_models)]) == 2
+    err = capsys.readouterr().err
+    assert "pickled weights" in err and "safetensors" in err
+    assert not (tmp_path / "out").exists()
