@@ -128,7 +128,11 @@ class InceptionExtractor(FeatureExtractor):
     def _embed_images(self, images):
         x = np.stack([clean_resize(im, self.image_size) for im in images])
         x = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
-        return self.model(x)
+        # cuDNN's default TF32 convolutions (Ampere and later) move features by ~1e-3: keep FP32
+        # so FIDs from different GPUs, and from published float32 pipelines, agree.
+        cudnn = torch.backends.cudnn
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+            return self.model(x)
 
 
 # ----------------------------------------------------------------------------- CLIP
