@@ -1,0 +1,191 @@
+"""jobs/benchmark.py, pipelines/architectures.py and the cluster/ configs, on CPU."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from jobs import benchmark
+from pipelines.models import EMBEDDED_DIR
+from tests.conftest import ROOT
+
+FIELDS = ["run_id", "suite", "model", "path", "device", "device_name", "dtype", "batch_size", "rows", "steps",
+          "height", "width", "images_per_s", "s_per_image", "flops_per_image", "achieved_tflops", "mfu",
+          "peak_mem_bytes", "torch_version", "diffusers_version", "created_at"]
+
+
+# --------------------------------------------------------------------------- architectures and FLOPs
+
+
+def test_flops_positive_and_linear_in_batch(tiny_model):
+    from pipelines.architectures import count_flops, flops_per_image
+
+    one = count_flops(tiny_model.pipe, 32, 32, cfg=False)
+    assert all(v > 0 for v in one.values())
+    for batch in (2, 4):
+        many = count_flops(tiny_model.pipe, 32, 32, cfg=False, batch=batch)
+        for key in one:
+            assert many[key] == pytest.approx(batch * one[key], rel=0.02)
+    assert count_flops(tiny_model.pipe, 32, 32, cfg=True)["unet_step"] == pytest.approx(2 * one["unet_step"], rel=0.02)
+    assert flops_per_image(one, 10) == 10 * one["unet_step"] + one["vae_decode"] + one["text"]
+
+
+def test_real_architectures_match_published_sizes_and_flops():
+    """Meta-device builds: no memory, no compute. Parameter counts are those of the
+    released checkpoints; SD 1.5's FLOPs are the issue's 1.61 TFLOP per CFG step, 82.8 per image."""
+    from pipelines.architectures import build_random_pipeline, count_flops, flops_per_image, parameter_counts
+
+    sd15 = build_random_pipeline("sd15", device="meta")
+    assert parameter_counts(sd15) == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    counts = count_flops(sd15, 512, 512)
+    assert counts["unet_step"] / 1e12 == pytest.approx(1.61, abs=0.01)
+    assert flops_per_image(counts, 50) / 1e12 == pytest.approx(82.8, rel=0.01)
+    sdxl = build_random_pipeline("sdxl", device="meta")
+    assert type(sdxl).__name__ == "StableDiffusionXLPipeline"
+    assert parameter_counts(sdxl) == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                                      "text_encoder_2": 694_659_840}
+    with pytest.raises(ValueError, match="unknown architecture 'sd9'.*sd15, sdxl"):
+        build_random_pipeline("sd9", device="meta")
+
+
+# --------------------------------------------------------------------------- the throughput suite
+
+
+def _run(tmp: Path, *extra) -> int:
+    return benchmark.main(["--suite", "throughput", "--model", "tiny-random", "--rows", "4", "--steps", "2",
+                           "--batch-sizes", "2", "--out", str(tmp), *extra])
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("bench")
+    assert _run(out) == 0
+    return out
+
+
+def test_suite_writes_json_parquet_markdown(suite):
+    doc = json.loads((suite / "throughput.json").read_text())
+    assert doc["environment"]["device"] == "cpu" and doc["environment"]["torch_version"]
+    recs = pd.DataFrame(doc["records"])
+    assert sorted(recs.path) == ["actor", "plain", "ray"]
+    assert set(FIELDS) <= set(recs.columns)
+    for col in ["images_per_s", "s_per_image", "flops_per_image", "achieved_tflops", "mfu", "seconds"]:
+        assert (recs[col] > 0).all(), col
+    assert (recs.batch_size == 2).all() and (recs.rows == 4).all() and (recs.errors == 0).all()
+    assert (recs.images_per_s * recs.s_per_image).round(6).eq(1).all()
+    parquet = pd.read_parquet(suite / "throughput.parquet")
+    assert len(parquet) == 3 and set(FIELDS) <= set(parquet.columns)
+    md = (suite / "throughput.md").read_text()
+    assert "| path | batch | images/s | s/image | MFU | peak mem | vs plain diffusers |" in md
+    assert "plain diffusers | 2 |" in md and "diffsweep Ray job | 2 |" in md
+
+
+def test_same_pixels_and_ray_overhead(suite):
+    recs = {r["path"]: r for r in json.loads((suite / "throughput.json").read_text())["records"]}
+    assert recs["actor"]["pixels_match"] is True and recs["actor"]["pixels_max_diff"] <= 1
+    assert recs["actor"]["pixels_compared"] == 2  # the first batch
+    assert recs["ray"]["pixels_match"] is True and recs["ray"]["pixels_compared"] == 4
+    ratio = recs["ray"]["ray_overhead_ratio"]
+    assert ratio == pytest.approx(recs["ray"]["images_per_s"] / recs["actor"]["images_per_s"])
+    assert 0 < ratio and 0 < recs["ray"]["ray_steady_ratio"] and recs["ray"]["startup_s"] >= 0
+    assert recs["plain"]["vs_plain"] == 1.0 and recs["actor"]["peak_mem_bytes"] > 0
+
+
+def test_history_flags_a_regression_with_exit_3(suite, tmp_path):
+    """A previous run 100x faster than this machine can be -> this run regressed."""
+    previous = pd.read_parquet(suite / "throughput.parquet")
+    previous = previous[previous.path != "ray"].assign(run_id="earlier", created_at="2000-01-01T00:00:00+00:00",
+                                                       images_per_s=previous.images_per_s * 100)
+    history = tmp_path / "history.parquet"
+    previous.to_parquet(history, index=False)
+    assert _run(tmp_path / "out", "--paths", "plain,actor", "--history", str(history), "--tolerance", "0.1") == 3
+    hist = pd.read_parquet(history)
+    assert len(hist) == 4 and hist.run_id.nunique() == 2
+    new = hist[hist.run_id != "earlier"]
+    assert new.regression.all() and (new.baseline_runs == 1).all()
+    assert "REGRESSION" in (tmp_path / "out" / "throughput.md").read_text()
+
+
+def test_history_median_over_window(tmp_path):
+    """No regression against slower runs; the median is over the last `window` runs of the same key."""
+    key = dict(suite="throughput", model="m", device_name="cpu x2", batch_size=4, path="actor", dtype="float32",
+               steps=2, height=32, width=32)
+    old = [dict(key, run_id=f"r{i}", created_at=f"2020-01-0{i + 1}", images_per_s=ips)
+           for i, ips in enumerate([100.0, 1.0, 2.0, 3.0])]
+    other = dict(key, batch_size=8, run_id="r9", created_at="2020-01-09", images_per_s=1000.0)
+    history = tmp_path / "h.parquet"
+    pd.DataFrame(old + [other]).to_parquet(history, index=False)
+    rec = dict(key, run_id="now", created_at="2021-01-01", images_per_s=1.9)
+    assert benchmark.apply_history([rec], str(history), tolerance=0.1, window=3) is False
+    assert rec["baseline_images_per_s"] == 2.0 and rec["baseline_runs"] == 3  # median of r1..r3, not r0 or r9
+    rec2 = dict(key, run_id="later", created_at="2021-01-02", images_per_s=1.0)
+    assert benchmark.apply_history([rec2], str(history), tolerance=0.1, window=3) is True
+    assert len(pd.read_parquet(history)) == 7
+
+
+def test_bad_flags_exit_2(tmp_path, capsys):
+    assert benchmark.main(["--model", "nope", "--out", str(tmp_path), "--paths", "plain"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--paths", "plain,gpu"])
+    assert e.value.code == 2
+
+
+@pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").is_file(), reason="embedded model not built yet")
+def test_suite_runs_on_the_embedded_model(tmp_path):
+    assert benchmark.main(["--model", "embedded", "--rows", "2", "--steps", "2", "--batch-sizes", "2",
+                           "--paths", "plain,actor", "--out", str(tmp_path)]) == 0
+    recs = json.loads((tmp_path / "throughput.json").read_text())["records"]
+    assert {r["path"] for r in recs} == {"plain", "actor"}
+    assert all(r["images_per_s"] > 0 for r in recs) and recs[-1]["pixels_match"] is True
+
+
+# --------------------------------------------------------------------------- cluster configs
+
+CLUSTER = ROOT / "cluster"
+
+
+def _scripts(command: str) -> list[str]:
+    return [w for w in shlex.split(command) if w.startswith("jobs/") and w.endswith(".py")]
+
+
+def _find(doc, key):
+    """Every value under `key`, anywhere in a nested YAML document."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k == key:
+                yield v
+            yield from _find(v, key)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _find(v, key)
+
+
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "cluster.yaml", "rayjob.yaml", "benchmark-cronjob.yaml"])
+def test_cluster_yaml_parses(name):
+    doc = yaml.safe_load((CLUSTER / name).read_text())
+    assert isinstance(doc, dict) and doc
+
+
+@pytest.mark.parametrize("name,script", [("rayjob.yaml", "jobs/generate.py"),
+                                         ("benchmark-cronjob.yaml", "jobs/benchmark.py")])
+def test_cluster_entrypoints_name_real_scripts(name, script):
+    doc = yaml.safe_load((CLUSTER / name).read_text())
+    entrypoints = list(_find(doc, "entrypoint"))
+    assert entrypoints, f"{name}: no entrypoint"
+    scripts = [s for e in entrypoints for s in _scripts(e)]
+    assert script in scripts
+    assert all((ROOT / s).is_file() for s in scripts), scripts
+    assert any(v == 1 or v == "1" for v in _find(doc, "nvidia.com/gpu")), f"{name}: no GPU workers"
+
+
+def test_cluster_launcher_has_gpu_workers_and_runtime_env_points_at_repo():
+    launcher = yaml.safe_load((CLUSTER / "cluster.yaml").read_text())
+    assert launcher["cluster_name"] and launcher["max_workers"] >= 1
+    gpu_types = [t for t in launcher["available_node_types"].values() if t.get("resources", {}).get("GPU")]
+    assert gpu_types
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and any(p.startswith("diffusers") for p in env["pip"])
