@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 __all__ = [
     "DEFAULT_KEYS",
@@ -66,6 +67,8 @@ _METRIC_COLUMNS = (
     ("images_per_gpu_second", "images / GPU s", None, None, None),
 )
 _INT_COLUMNS = {"n", "n_error"}
+_HTML_HEADERS = {"kid": "KID ± sd", "gen_seconds": "GPU s / img", "images_per_gpu_second": "img / GPU s",
+                 "attribute_accuracy": "attribute accuracy"}
 _LABELS = {
     "fid": "FID (lower is better)",
     "clip_score": "CLIP score (higher is better)",
@@ -79,6 +82,7 @@ _PALETTE = (
 )
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 _PLOT_DPI = 110
+_GRID_WIDTH_PX = 1120  # room for image columns in the page (main is 1400 px wide, less the prompt column)
 
 
 class PlotSkipped(ValueError):
@@ -271,8 +275,10 @@ def _metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float)
         s = _numeric(metrics, col)
         if s is not None and s.notna().sum() > 1:
             best[col] = s.min() if better == "min" else s.max()
+    constant = [k for k in keys if len(metrics) > 1 and metrics[k].nunique(dropna=False) == 1]
+    keys = [k for k in keys if k not in constant]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    head += "".join(f'<th class="num">{html.escape(_header(s, ci_level))}</th>' for s in specs)
+    head += "".join(f'<th class="num">{html.escape(_HTML_HEADERS.get(s[0], s[1]))}</th>' for s in specs)
     if front is not None:
         head += '<th title="on the FID / CLIP score Pareto front">front</th>'
     rows = []
@@ -287,8 +293,12 @@ def _metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float)
         if front is not None:
             tds += f'<td class="front">{"★" if bool(front.iloc[i]) else ""}</td>'
         rows.append(f"<tr>{tds}</tr>")
+    same = ""
+    if constant:
+        same = '<p class="sub">Same for every row: ' + ", ".join(
+            f"{html.escape(k)} = <b>{html.escape(_fmt_key(metrics[k].iloc[0]))}</b>" for k in constant) + "</p>"
     return (
-        '<div class="scroll"><table class="metrics"><thead><tr>'
+        same + '<div class="scroll"><table class="metrics"><thead><tr>'
         + head
         + "</tr></thead><tbody>"
         + "".join(rows)
@@ -345,6 +355,32 @@ def _style_axes(ax) -> None:
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+
+
+def _guidance_markers(df: pd.DataFrame) -> dict:
+    if "guidance" not in df.columns or df["guidance"].nunique() < 2:
+        return {}
+    return {g: _MARKERS[i % len(_MARKERS)] for i, g in enumerate(_sort_key_values(df["guidance"].dropna()))}
+
+
+def _scatter_groups(ax, df: pd.DataFrame, x: str, y: str, colors: dict, markers: dict) -> None:
+    """Points coloured by `_color` and shaped by guidance."""
+    for lab in sorted(df["_color"].unique()):
+        part = df[df["_color"] == lab]
+        groups = [(markers[g], part[part["guidance"] == g]) for g in markers] if markers else [("o", part)]
+        for m, pts in groups:
+            if len(pts):
+                ax.scatter(pts[x], pts[y], s=42, color=colors[lab], marker=m, zorder=3, edgecolor="white",
+                           linewidth=0.6)
+
+
+def _legend_handles(colors: dict, markers: dict, line_keys: list[str]) -> list:
+    handles = [Line2D([], [], color=colors[lab], marker="o", linestyle="", label=lab) for lab in sorted(colors)]
+    if not line_keys:
+        handles = []
+    handles += [Line2D([], [], color="#444", marker=m, linestyle="", label=f"guidance {_fmt_key(g)}")
+                for g, m in markers.items()]
+    return handles
 
 
 def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, metric: str = "fid") -> Figure:
@@ -408,11 +444,12 @@ def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = Non
 
 def plot_clip_vs_fid(
     metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, x: str = "fid", y: str = "clip_score",
-    max_labels: int = 30,
+    max_labels: int = 12,
 ) -> Figure:
     """Scatter of `y` (CLIP score) against `x` (FID), one point per configuration with CI error
-    bars, the Pareto front (low x, high y) drawn as a step line with its points ringed, and
-    points labelled (only the front's when there are more than `max_labels`)."""
+    bars, colour per scheduler and marker per guidance, the Pareto front (low x, high y) drawn as
+    a step line with its points ringed and labelled; other points are labelled in full too when
+    there are at most `max_labels`, else by their steps only."""
     keys = _resolve_keys(metrics, keys)
     for col in (x, y):
         if not _has(metrics, col):
@@ -422,36 +459,41 @@ def plot_clip_vs_fid(
     df = df[df[x].notna() & df[y].notna()]
     df["_label"] = config_labels(df, keys) if len(df) else []
     front = pareto_front(df, x, y)
-    line_keys = [k for k in keys if k == "scheduler" or k == "model"]
-    line_keys = [k for k in line_keys if df[k].nunique(dropna=False) > 1]
+    line_keys = _line_keys(keys, df)
     df["_color"] = [_line_label(r, line_keys) for _, r in df.iterrows()] if len(df) else []
     colors = _colors(df["_color"])
+    markers = _guidance_markers(df)
 
-    fig = Figure(figsize=(8.6, 5.6), dpi=_PLOT_DPI, layout="constrained")
+    fig = Figure(figsize=(9.8, 5.8), dpi=_PLOT_DPI, layout="constrained")
     ax = fig.subplots()
     xerr = _yerr(df, x, f"{x}_ci_lo", f"{x}_ci_hi")
     yerr = _yerr(df, y, f"{y}_ci_lo", f"{y}_ci_hi")
     if xerr is not None or yerr is not None:
-        ax.errorbar(df[x], df[y], xerr=xerr, yerr=yerr, fmt="none", ecolor="#b8b8b8", elinewidth=0.9, zorder=1)
-    for lab in sorted(df["_color"].unique()):
-        part = df[df["_color"] == lab]
-        ax.scatter(part[x], part[y], s=36, color=colors[lab], label=lab if line_keys else None, zorder=3,
-                   edgecolor="white", linewidth=0.6)
+        ax.errorbar(df[x], df[y], xerr=xerr, yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9, zorder=1)
+    _scatter_groups(ax, df, x, y, colors, markers)
     f = df[front].sort_values(x)
     if len(f):
         ax.step(f[x], f[y], where="post", color="black", linestyle="--", linewidth=1.2, zorder=2)
-        ax.scatter(f[x], f[y], s=150, facecolor="none", edgecolor="black", linewidth=1.4, zorder=4,
-                   label="Pareto front")
-    to_label = df if len(df) <= max_labels else f
-    for _, r in to_label.iterrows():
-        ax.annotate(r["_label"], (r[x], r[y]), xytext=(5, 4), textcoords="offset points", fontsize=7.5,
-                    color="#222" if front.get(r.name, False) else "#666", zorder=5)
+        ax.scatter(f[x], f[y], s=170, facecolor="none", edgecolor="black", linewidth=1.4, zorder=4)
+    short = "steps" in keys and len(df) > max_labels  # many points: off-front points get their steps only
+    for _, r in df.iterrows():
+        on = bool(front.get(r.name, False))
+        if on or not short:
+            text, size, color = r["_label"], 7.5, "#111" if on else "#555"
+        else:
+            text, size, color = _fmt_key(r["steps"]), 7, "#666"
+        ax.annotate(text, (r[x], r[y]), xytext=(5, 4), textcoords="offset points", fontsize=size, color=color,
+                    zorder=5, fontweight="bold" if on else "normal")
     ax.set_xlabel(_LABELS.get(x, x))
     ax.set_ylabel(_LABELS.get(y, y))
     ax.text(0.01, 0.99, "better ↖", transform=ax.transAxes, ha="left", va="top", fontsize=9, color="#555")
     _style_axes(ax)
-    ax.legend(loc="lower right", fontsize=8.5, frameon=True, framealpha=0.9)
-    ax.set_title(f"{'CLIP score' if y == 'clip_score' else y} vs {'FID' if x == 'fid' else x}", fontsize=12)
+    handles = _legend_handles(colors, markers, line_keys)
+    handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", markersize=11, linestyle="--",
+                          label="Pareto front"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=9, frameon=False)
+    title = f"{'CLIP score' if y == 'clip_score' else y} vs {'FID' if x == 'fid' else x}"
+    ax.set_title(title + (" (numbers: steps)" if short else ""), fontsize=12)
     return fig
 
 
@@ -481,8 +523,7 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
     line_keys = _line_keys(keys, df)
     df["_color"] = [_line_label(r, line_keys) for _, r in df.iterrows()] if len(df) else []
     colors = _colors(df["_color"])
-    has_g = "guidance" in df.columns and df["guidance"].nunique() > 1
-    markers = {g: _MARKERS[i % len(_MARKERS)] for i, g in enumerate(_sort_key_values(df["guidance"]))} if has_g else {}
+    markers = _guidance_markers(df)
     has_steps = "steps" in df.columns
 
     fig = Figure(figsize=(5.0 * len(quality) + 2.0, 4.4), dpi=_PLOT_DPI, layout="constrained")
@@ -495,13 +536,7 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
         yerr = _yerr(sub.assign(**{col: sub["_q"]}), col, f"{col}_ci_lo", f"{col}_ci_hi")
         if yerr is not None:
             ax.errorbar(sub["_sec"], sub["_q"], yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9, zorder=1)
-        for lab in sorted(sub["_color"].unique()):
-            for g in (markers if has_g else [None]):
-                part = sub[sub["_color"] == lab] if g is None else sub[(sub["_color"] == lab) & (sub["guidance"] == g)]
-                if not len(part):
-                    continue
-                ax.scatter(part["_sec"], part["_q"], s=40, color=colors[lab], marker=markers.get(g, "o"), zorder=3,
-                           edgecolor="white", linewidth=0.6)
+        _scatter_groups(ax, sub, "_sec", "_q", colors, markers)
         if has_steps and len(sub) <= 60:
             for _, r in sub.iterrows():
                 ax.annotate(_fmt_key(r["steps"]), (r["_sec"], r["_q"]), xytext=(4, 3), textcoords="offset points",
@@ -516,13 +551,7 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
         ax.set_xlabel(_LABELS["gen_seconds"])
         ax.set_ylabel(_LABELS.get(col, col))
         _style_axes(ax)
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=colors[lab], marker="o", linestyle="", label=lab) for lab in sorted(colors)]
-    if not line_keys:
-        handles = []
-    handles += [Line2D([], [], color="#444", marker=m, linestyle="", label=f"guidance {_fmt_key(g)}")
-                for g, m in markers.items()]
+    handles = _legend_handles(colors, markers, line_keys)
     handles.append(Line2D([], [], color="black", linestyle="--", label="cost/quality front"))
     fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=9)
     fig.suptitle("quality vs cost" + (" (numbers: steps)" if has_steps else ""), fontsize=12)
@@ -550,7 +579,8 @@ def _image_bytes(v) -> bytes | None:
     return None
 
 
-def _thumbnail_uri(v, px: int) -> str | None:
+def _thumbnail(v, px: int) -> tuple[str, int, int] | None:
+    """(PNG data URI at most `px` on its longer side, width, height), or None if `v` is no image."""
     from PIL import Image
 
     try:
@@ -569,7 +599,7 @@ def _thumbnail_uri(v, px: int) -> str | None:
         im.save(buf, format="PNG", optimize=True)
     except Exception:  # an undecodable image is shown as a gap, not a crash
         return None
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), im.size[0], im.size[1]
 
 
 def grid_html(
@@ -602,18 +632,23 @@ def grid_html(
     for p in prompts:
         seeds = counts.loc[p].sort_values(ascending=False, kind="stable").index[:seeds_per_prompt]
         rows += [(p, s) for s in seeds]
-    head = "".join(f'<th class="cfg">{html.escape(c)}</th>' for c in configs)
+    # thumbnails are stored at thumb_px but shown smaller when needed so that the grid fits the page
+    show = int(max(48, min(thumb_px, _GRID_WIDTH_PX // max(1, len(configs)) - 6)))
+    head = "".join(f'<th class="cfg" style="max-width:{show + 6}px">{html.escape(c)}</th>' for c in configs)
     body = []
     for p, s in rows:
         tds = []
         for c in configs:
-            uri = _thumbnail_uri(cells.get((p, s, c)), thumb_px) if (p, s, c) in cells else None
-            if uri is None:
-                tds.append(f'<td class="img missing" style="width:{thumb_px}px;height:{thumb_px}px">–</td>')
+            thumb = _thumbnail(cells.get((p, s, c)), thumb_px) if (p, s, c) in cells else None
+            if thumb is None:
+                tds.append(f'<td class="img missing" style="width:{show}px;height:{show}px">–</td>')
             else:
+                uri, w, h = thumb
+                scale = show / max(w, h)  # small images are scaled up, large ones down, aspect kept
+                w, h = max(1, round(w * scale)), max(1, round(h * scale))
                 alt = html.escape(f"{p} | seed {s} | {c}", quote=True)
                 tds.append(f'<td class="img"><img src="{uri}" alt="{alt}" title="{alt}" '
-                           f'width="{thumb_px}" height="{thumb_px}"></td>')
+                           f'width="{w}" height="{h}"></td>')
         body.append(
             f'<tr><th class="prompt"><div>{html.escape(str(p))}</div><div class="seed">seed {html.escape(str(s))}'
             f"</div></th>{''.join(tds)}</tr>"
@@ -635,7 +670,7 @@ _CSS = """
 * { box-sizing: border-box; }
 body { margin:0; background:var(--soft); color:var(--fg);
   font: 14px/1.5 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", "Liberation Sans", Arial, sans-serif; }
-main { max-width: 1320px; margin: 0 auto; padding: 24px 28px 48px; }
+main { max-width: 1400px; margin: 0 auto; padding: 24px 28px 48px; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 19px; margin: 0 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
 h3 { font-size: 15px; margin: 18px 0 6px; }
@@ -649,9 +684,10 @@ table.meta td, table.meta th { text-align: left; padding: 3px 14px 3px 0; vertic
 table.meta th { color: var(--muted); font-weight: 600; white-space: nowrap; }
 table.meta td { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px;
   word-break: break-all; }
-table.metrics { font-size: 13px; }
-table.metrics th, table.metrics td { padding: 4px 10px; border-bottom: 1px solid var(--line); white-space: nowrap; }
-table.metrics thead th { background: var(--soft); text-align: left; position: sticky; top: 0; }
+table.metrics { font-size: 12.5px; }
+table.metrics th, table.metrics td { padding: 4px 8px; border-bottom: 1px solid var(--line); white-space: nowrap; }
+table.metrics thead th { background: var(--soft); text-align: left; white-space: normal; vertical-align: bottom;
+  min-width: 3.5em; }
 table.metrics tbody tr:nth-child(even) { background: #fafbfc; }
 table.metrics td.num, table.metrics th.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.metrics td.best { font-weight: 700; color: #0b6b2f; }
@@ -668,7 +704,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--line); borde
 figcaption { color: var(--muted); font-size: 13px; max-width: 980px; margin-top: 4px; }
 .note { color: var(--muted); font-style: italic; margin: 6px 0; }
 table.grid th, table.grid td { padding: 3px; }
-table.grid th.cfg { font-size: 11.5px; font-weight: 600; max-width: 140px; white-space: normal; vertical-align: bottom;
+table.grid th.cfg { font-size: 11px; font-weight: 600; white-space: normal; vertical-align: bottom;
   text-align: center; }
 table.grid th.prompt { text-align: left; font-weight: normal; font-size: 12.5px; width: 190px; min-width: 150px;
   vertical-align: middle; padding-right: 10px; }
@@ -750,8 +786,9 @@ def write_report(
 
     if len(metrics):
         table = _metrics_table_html(metrics, keys, ci_level)
-        table_note = ('<p class="sub">Brackets: bootstrap confidence intervals. Bold: best value in the column. '
-                      "★: on the FID / CLIP score Pareto front.</p>")
+        table_note = (f'<p class="sub">Brackets: bootstrap {ci_level:.0%} confidence intervals. '
+                      "Bold: best value in the column. ★: on the FID / CLIP score Pareto front. "
+                      "GPU s / img: mean accelerator seconds per image.</p>")
     else:
         table, table_note = '<p class="note">No metrics.</p>', ""
 
