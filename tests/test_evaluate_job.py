@@ -1,0 +1,75 @@
+"""jobs/evaluate.py end to end: tiny-random results, a tiny CLIP, a local Ray."""
+
+import pandas as pd
+import pytest
+
+from jobs import evaluate as eval_job
+from jobs import generate as gen_job
+from tests.conftest import write_parquet
+from tests.test_features import make_tiny_clip_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("eval")
+    rows = [dict(prompt=p, seed=s, scheduler=sched, steps=3, guidance=g, model="tiny-random")
+            for p in ["a red circle", "a blue square"] for s in range(3)
+            for sched in ["ddim", "euler"] for g in [1.0, 7.5]]
+    results = tmp / "results"
+    assert gen_job.main([str(write_parquet(tmp / "m.parquet", rows)), "--out", str(results), "--no-progress"]) == 0
+    clip = make_tiny_clip_dir(tmp / "clip")
+    ref = next(results.glob("part-*.parquet"))
+    args = [str(results), "--features", "clip", "--clip-model", str(clip), "--reference", str(ref),
+            "--out", str(tmp / "report"), "--n-boot", "20", "--no-progress"]
+    assert eval_job.main(args) == 0
+    return tmp, results, args
+
+
+def test_metrics_table_has_a_row_per_configuration(evaluated):
+    tmp, _, _ = evaluated
+    m = pd.read_parquet(tmp / "report" / "metrics.parquet")
+    assert len(m) == 4 and set(m.scheduler) == {"ddim", "euler"}
+    assert (m.n == 6).all() and (m.n_error == 0).all()
+    for col in ["fid", "fid_ci_lo", "fid_ci_hi", "kid", "kid_std", "clip_score", "clip_score_ci_lo",
+                "clip_score_ci_hi", "diversity", "vendi", "gen_seconds", "images_per_gpu_second"]:
+        assert m[col].notna().all(), col
+    assert (m.fid_ci_lo <= m.fid_ci_hi).all() and (m.clip_score_ci_lo <= m.clip_score).all()
+    assert (m.extractor.str.startswith("clip")).all() and m.reference.str.endswith(".parquet").all()
+    assert (tmp / "report" / "metrics.csv").is_file() and "| ddim |" in (tmp / "report" / "metrics.md").read_text()
+    html = (tmp / "report" / "report.html").read_text()
+    assert "data:image/png;base64" in html
+
+
+def test_second_run_reuses_cached_features(evaluated, capsys):
+    tmp, results, args = evaluated
+    cached = sorted((results / "_features").rglob("part-*.parquet"))
+    assert cached
+    capsys.readouterr()
+    assert eval_job.main(args) == 0
+    assert "(0 images had features computed)" in capsys.readouterr().err
+    assert sorted((results / "_features").rglob("part-*.parquet")) == cached
+
+
+def test_group_by_other_columns(evaluated):
+    tmp, results, args = evaluated
+    out = tmp / "by-guidance"
+    assert eval_job.main(args[:-5] + ["--by", "guidance", "--out", str(out), "--n-boot", "10", "--no-progress"]) == 0
+    m = pd.read_parquet(out / "metrics.parquet")
+    assert list(m.guidance) == [1.0, 7.5] and (m.n == 12).all()
+
+
+@pytest.mark.parametrize("change,expected", [
+    (["--by", "colour"], "--by: unknown columns ['colour']"),
+    (["--reference", "/no/such/stats.npz"], "no such statistics file"),
+    (["--features", "inception", "--inception-weights", "/no/such/pt_inception.pth"], "pt_inception-2015-12-05-6726825d.pth"),
+])
+def test_bad_input_exits_2_with_a_clear_message(evaluated, capsys, change, expected):
+    tmp, results, args = evaluated
+    assert eval_job.main(args + change) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
+
+
+def test_not_a_results_directory(tmp_path, capsys):
+    assert eval_job.main([str(tmp_path), "--reference", "x.npz"]) == 2
+    assert "not a results directory" in capsys.readouterr().err
