@@ -787,7 +787,7 @@ def write_report(
     if len(metrics):
         table = _metrics_table_html(metrics, keys, ci_level)
         table_note = (f'<p class="sub">Brackets: bootstrap {ci_level:.0%} confidence intervals. '
-                      "Bold: best value in the column. ★: on the FID / CLIP score Pareto front. "
+                      "Bold: best point estimate in the column (overlapping intervals mean the order is not established). ★: on the FID / CLIP score Pareto front. "
                       "GPU s / img: mean accelerator seconds per image.</p>")
     else:
         table, table_note = '<p class="note">No metrics.</p>', ""
