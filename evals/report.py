@@ -387,6 +387,7 @@ def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = Non
     """`metric` (default FID) against steps: one line per scheduler (and per any other varying
     key but guidance), one panel per guidance value, bootstrap-CI error bars where present.
     Raises PlotSkipped when steps or the metric is missing."""
+    metrics = metrics.reset_index(drop=True)
     keys = _resolve_keys(metrics, keys)
     if metric not in metrics.columns or not _has(metrics, metric):
         raise PlotSkipped(f"no {metric.upper() if metric == 'fid' else metric} values (no reference set?)")
@@ -399,6 +400,8 @@ def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = Non
     line_keys = _line_keys(keys, df)
     df["_line"] = [_line_label(r, line_keys) for _, r in df.iterrows()] if len(df) else []
     has_g = "guidance" in df.columns and df["guidance"].notna().any()
+    if has_g:
+        df = df[df["guidance"].notna()]
     panels = _sort_key_values(df["guidance"]) if has_g else [None]
     colors = _colors(df["_line"])
     lo, hi = f"{metric}_ci_lo", f"{metric}_ci_hi"
@@ -450,6 +453,7 @@ def plot_clip_vs_fid(
     bars, colour per scheduler and marker per guidance, the Pareto front (low x, high y) drawn as
     a step line with its points ringed and labelled; other points are labelled in full too when
     there are at most `max_labels`, else by their steps only."""
+    metrics = metrics.reset_index(drop=True)
     keys = _resolve_keys(metrics, keys)
     for col in (x, y):
         if not _has(metrics, col):
@@ -510,6 +514,7 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
     """FID and CLIP score (one panel each, whichever are present) against accelerator seconds
     per image: colour per scheduler, marker per guidance, steps written next to each point,
     and the cost/quality Pareto front dashed."""
+    metrics = metrics.reset_index(drop=True)
     keys = _resolve_keys(metrics, keys)
     secs = _seconds(metrics)
     if secs is None:
@@ -782,7 +787,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     metrics = pd.DataFrame() if metrics is None else metrics.reset_index(drop=True)
     keys = _resolve_keys(metrics, keys)
-    warns = [str(w) for w in (warnings or ())]
+    warns = [warnings] if isinstance(warnings, str) else [str(w) for w in (warnings or ())]
 
     if len(metrics):
         table = _metrics_table_html(metrics, keys, ci_level)

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +311,28 @@ def test_all_nan_and_empty_inputs(tmp_path):
     one = synthetic_metrics().iloc[:1].assign(steps="25", lora="v2")
     text = write_report(one, None, tmp_path / "one", keys=["lora", "scheduler", "steps"]).read_text()
     assert "Plot failed" not in text and "<th>lora</th>" in text
+
+
+def test_random_frames_never_fail(tmp_path):
+    """Random column subsets, NaNs, infinities, duplicate index and key subsets: no plot fails."""
+    rng = np.random.default_rng(3)
+    base = synthetic_metrics()
+    optional = [c for c in base.columns if c not in ("scheduler", "steps")]
+    for case in range(4):
+        df = base.drop(columns=list(rng.choice(optional, size=int(rng.integers(0, len(optional))), replace=False)))
+        df = df.sample(frac=float(rng.uniform(0.2, 1.0)), random_state=case)
+        num = df.select_dtypes("number").columns
+        for c in num:
+            df.loc[rng.random(len(df)) < 0.3, c] = np.nan
+        if len(num):
+            df.loc[df.index[:1], num[-1]] = np.inf
+        df.index = [0] * len(df)  # duplicate labels
+        keys = [k for k in ("model", "scheduler", "steps", "guidance") if k in df.columns and rng.random() < 0.8]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="report:")  # a failed plot warns "report: plot ... failed"
+            text = write_report(df, None, tmp_path / str(case), keys=keys, warnings="one warning").read_text()
+        assert "Plot failed" not in text and "one warning" in text
+        metrics_markdown(df, keys)
 
 
 def test_report_imports_no_heavy_deps():
