@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-retries", type=int, default=3,
                    help="retries of a batch whose actor died (killed, node lost); actors are always replaced (default 3)")
     p.add_argument("--overwrite", action="store_true", help="discard existing results in --out")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="when resuming, generate again the rows recorded with status 'error'")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows still to do (for a smoke run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -155,6 +157,8 @@ def plan(args) -> tuple:
     digest = manifest_digest(manifest)
     store = ResultStore(args.out)
     previous = store.prepare(digest, args.overwrite)
+    if previous is not None and args.retry_errors:
+        store.drop_errors()
     done = store.done_ids() if previous is not None else set()
     ids = manifest.column("sample_id").to_pylist()
     todo_mask = pa.array([sid not in done for sid in ids])

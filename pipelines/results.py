@@ -55,6 +55,28 @@ class ResultStore:
             ids.update(pq.read_table(path, columns=["sample_id"], filesystem=self.fs).column(0).to_pylist())
         return ids
 
+    def drop_errors(self) -> int:
+        """Remove status="error" rows from committed shards (each shard rewritten atomically),
+        so the next run generates them again. Returns how many were removed."""
+        removed = 0
+        for path in self.shard_paths():
+            status = pq.read_table(path, columns=["status"], filesystem=self.fs).column(0)
+            n_err = sum(1 for s in status.to_pylist() if s != "ok")
+            if not n_err:
+                continue
+            table = pq.read_table(path, filesystem=self.fs)
+            kept = table.filter(pa.array([s == "ok" for s in table.column("status").to_pylist()]))
+            if kept.num_rows:
+                name = path.rsplit("/", 1)[-1]
+                staging = self._path(f".staging-{name}") if self.local else path
+                pq.write_table(kept, staging, filesystem=self.fs)
+                if staging != path:
+                    self.fs.move(staging, path)
+            else:
+                self.fs.delete_file(path)
+            removed += n_err
+        return removed
+
     def read_run(self) -> dict | None:
         path = self._path(RUN_FILE)
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:

@@ -117,6 +117,15 @@ def test_rows_that_always_fail_end_as_errors_and_the_job_finishes(tmp_path, ray_
     assert df[df.status == "error"].image.isna().all()
     assert "3 ok, 3 error" in capsys.readouterr().err
 
+    # a re-run skips recorded errors; --retry-errors regenerates exactly those rows
+    assert gen_job.main([str(path), "--out", str(out), "--models", str(broken_models), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    args = [str(path), "--out", str(out), "--models", str(broken_models), "--no-progress", "--retry-errors"]
+    assert gen_job.main(args) == 0
+    assert "3 error, 3 already in" in capsys.readouterr().err
+    again = pd.read_parquet(out)
+    assert len(again) == 6 and again.sample_id.is_unique and (again.status == "error").sum() == 3
+
 
 def test_pickled_weights_are_refused_before_any_worker_starts(tmp_path, broken_models, capsys):
     path = write_parquet(tmp_path / "m.parquet", [dict(prompt="a", model="pickled")])
