@@ -382,12 +382,14 @@ def image_grid(results_dir: Path, ok: pd.DataFrame, keys: list[str], args) -> pd
                                     for _, c in configs.iterrows()] or [set()])
         seed = min(common) if common else rows.seed.min()
         picked.append(rows[rows.seed == seed].merge(configs, on=keys))
-    sel = pd.concat(picked) if picked else ok.head(0)
+    sel = pd.concat(picked, ignore_index=True) if picked else ok.head(0)
     wanted = set(sel.sample_id)
     table = pq.read_table(results_dir, columns=["sample_id", "image"],
                           filters=[("sample_id", "in", list(wanted))]) if wanted else None
     images = dict(zip(table.column("sample_id").to_pylist(), table.column("image").to_pylist())) if table else {}
-    label = sel[keys].astype(str).agg(" ".join, axis=1) if len(sel) else []
+    from evals.report import config_labels
+
+    label = config_labels(sel[keys].reset_index(drop=True), keys).to_numpy() if len(sel) else []
     return pd.DataFrame({"prompt": sel.prompt, "seed": sel.seed, "config": label,
                          "image": [images.get(s) for s in sel.sample_id]})
 
