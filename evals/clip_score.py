@@ -17,19 +17,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def _unit(x, what) -> np.ndarray:
+def unit_vectors(x, what: str = "embeddings") -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity = dot product); zero rows are an error."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected [n, dim] embeddings, got shape {x.shape}")
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     if (norm == 0).any():
-        raise ValueError(f"{what}: {int((norm == 0).sum())} embedding(s) have zero norm")
+        raise ValueError(f"{what}: {int((norm == 0).sum())} embedding(s) have zero norm; cosine is undefined")
     return x / norm
 
 
 def raw_clip_scores(image_emb, text_emb) -> np.ndarray:
     """100 * cos(image_i, text_i) per pair, unclamped, float64 [n]."""
-    a, b = _unit(image_emb, "image embeddings"), _unit(text_emb, "text embeddings")
+    a, b = unit_vectors(image_emb, "image embeddings"), unit_vectors(text_emb, "text embeddings")
     if a.shape != b.shape:
         raise ValueError(f"image embeddings {a.shape} and text embeddings {b.shape} must pair up row by row")
     return 100.0 * (a * b).sum(axis=1)

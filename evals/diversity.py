@@ -17,20 +17,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from evals.clip_score import unit_vectors
 
-def _unit(emb) -> np.ndarray:
-    x = np.asarray(emb, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected [n, dim] embeddings, got shape {x.shape}")
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norm == 0).any():
-        raise ValueError(f"{int((norm == 0).sum())} embedding(s) have zero norm; cosine is undefined")
-    return x / norm
+
 
 
 def mean_pairwise_cosine_distance(emb) -> float:
     """Mean of 1 - cos over the n(n-1)/2 distinct pairs; NaN for fewer than 2 embeddings."""
-    u = _unit(emb)
+    u = unit_vectors(emb)
     n = u.shape[0]
     if n < 2:
         return float("nan")
@@ -43,7 +37,7 @@ def mean_pairwise_cosine_distance(emb) -> float:
 def vendi_score(emb) -> float:
     """exp(-sum lambda log lambda), lambda the eigenvalues of K/n, K_ij = cos(e_i, e_j).
     Uses the smaller of the n x n kernel and the d x d covariance (same nonzero spectrum)."""
-    u = _unit(emb)
+    u = unit_vectors(emb)
     n, d = u.shape
     if n == 0:
         return float("nan")
