@@ -20,8 +20,6 @@ import pandas as pd
 from evals.clip_score import unit_vectors
 
 
-
-
 def mean_pairwise_cosine_distance(emb) -> float:
     """Mean of 1 - cos over the n(n-1)/2 distinct pairs; NaN for fewer than 2 embeddings."""
     u = unit_vectors(emb)

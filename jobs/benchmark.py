@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=None, metavar="FILE", help="extra models YAML, as for jobs/generate.py")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,4,16 on GPU; 1,4 on CPU)")
     p.add_argument("--rows", type=int, default=None, help="timed images per path and batch size (default 4 x batch, >= 4)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed passes per path; the median pass is reported (use 3+ on a shared machine)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--size", default=None, help="N or HxW (default: the model's)")
@@ -104,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.size = (int(h), int(w or h))
         except ValueError:
             p.error(f"--size {args.size!r}: expected N or HxW")
-    for flag in ("rows", "steps", "window"):
+    for flag in ("rows", "steps", "window", "repeats"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag} must be >= 1, got {v}")
@@ -304,7 +306,7 @@ def make_rows(spec, args, n: int):
 # --------------------------------------------------------------------------- the three paths
 
 
-def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, loaded=None):
+def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, loaded=None, repeats: int = 1):
     """A user's loop: one pipeline, one scheduler, a call per batch. Returns
     (seconds, pixels of the first batch by sample_id, peak bytes, loaded model)."""
     import torch
@@ -331,19 +333,20 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, lo
         return images
 
     call(rows.iloc[:batch])  # warm-up
-    first = {}
+    first, passes = {}, []
     with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        for start in range(0, len(rows), batch):
-            chunk = rows.iloc[start:start + batch]
-            images = call(chunk)
-            if start == 0:
-                first = dict(zip(chunk.sample_id, to_uint8(images)))
-        seconds = time.perf_counter() - t0
-    return seconds, first, mem.peak, loaded
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for start in range(0, len(rows), batch):
+                chunk = rows.iloc[start:start + batch]
+                images = call(chunk)
+                if start == 0:
+                    first = dict(zip(chunk.sample_id, to_uint8(images)))
+            passes.append(time.perf_counter() - t0)
+    return float(np.median(passes)), first, mem.peak, loaded
 
 
-def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, actor=None):
+def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, actor=None, repeats: int = 1):
     """GenerateActor in this process, on pandas batches of `batch` rows, as Ray would feed it."""
     from jobs.generate import GenerateActor
 
@@ -351,12 +354,15 @@ def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, ac
         actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None)
     actor.batch_size = batch  # a plain attribute: the same actor (model loaded once) serves every batch size
     actor(rows.iloc[:batch])  # warm-up (and model load on first use)
-    outs = []
+    passes = []
     with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        for start in range(0, len(rows), batch):
-            outs.append(actor(rows.iloc[start:start + batch]))
-        seconds = time.perf_counter() - t0
+        for _ in range(repeats):
+            outs = []
+            t0 = time.perf_counter()
+            for start in range(0, len(rows), batch):
+                outs.append(actor(rows.iloc[start:start + batch]))
+            passes.append(time.perf_counter() - t0)
+    seconds = float(np.median(passes))
     out = pd.concat(outs, ignore_index=True)
     pixels = {sid: (None if raw is None else np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3))
               for sid, raw, h, w in zip(out.sample_id, out.pixels, out.height, out.width)}
@@ -442,6 +448,7 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                 flops = flops_per_image(counts, int(r0.steps))
             base = dict(run_id=run_id, suite=args.suite, model=name, weights=weights, pipeline=spec.pipeline,
                         device=device, device_name=device_name, dtype=dtype, batch_size=batch, rows=n,
+                        repeats=args.repeats,
                         steps=int(r0.steps), height=int(r0.height), width=int(r0.width),
                         guidance=float(r0.guidance), scheduler=str(r0.scheduler), flops_per_image=flops,
                         unet_step_flops=counts["unet_step"], vae_decode_flops=counts["vae_decode"],
@@ -453,13 +460,13 @@ def run_throughput(args) -> tuple[list[dict], dict]:
             print(f"[benchmark] {name} batch {batch}: {n} rows, {int(r0.steps)} steps, "
                   f"{int(r0.height)}x{int(r0.width)}, {dtype} on {device_name}", file=sys.stderr)
             if "plain" in args.paths:
-                seconds, plain_px, mem, loaded = time_plain(spec, rows, batch, device, dtype, loaded)
+                seconds, plain_px, mem, loaded = time_plain(spec, rows, batch, device, dtype, loaded, args.repeats)
                 got["plain"] = dict(seconds=seconds, peak_mem_bytes=mem)
             if "actor" in args.paths:
                 if device == "cuda" and loaded is not None and actor is None:
                     loaded = None  # one copy of the weights on the GPU at a time
                     _free(device)
-                seconds, actor_px, errors, mem, actor = time_actor(spec, rows, batch, device, dtype, actor)
+                seconds, actor_px, errors, mem, actor = time_actor(spec, rows, batch, device, dtype, actor, args.repeats)
                 got["actor"] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors))
                 if errors:
                     print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
@@ -470,7 +477,9 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                 if device == "cuda":
                     loaded = actor = None  # the job's actor needs the GPU memory
                     _free(device)
-                ray = time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models)
+                runs = [time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models)
+                        for _ in range(args.repeats)]
+                ray = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
                 got["ray"] = dict(seconds=ray["seconds"], peak_mem_bytes=ray["peak"], errors=len(ray["errors"]),
                                   startup_s=ray["startup_s"], steady_images_per_s=n / ray["steady_seconds"])
                 if "actor" in args.paths:

@@ -38,18 +38,20 @@ TEXT_DIM = 128
 
 @dataclass
 class Settings:
-    clip_steps: int = 500
+    clip_steps: int = 250
     clip_batch: int = 64
     clip_lr: float = 1e-3
-    vae_steps: int = 400
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_steps: int = 300
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 1500
-    unet_batch: int = 64
+    vae_latent_noise: float = 0.1
+    vae_shape_weight: float = 5.0
+    unet_steps: int = 1000
+    unet_batch: int = 32
     unet_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    unet_dataset: int = 20000  # rendered and VAE-encoded once, then sampled per step
+    unet_dataset: int = 8000  # rendered and VAE-encoded once, then sampled per step
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     checkpoint_every: int = 250
@@ -172,6 +174,13 @@ def build_vae():
                          sample_size=domain.IMAGE_SIZE, mid_block_add_attention=False, force_upcast=False)
 
 
+def shape_pixels(images_uint8: np.ndarray, device) -> torch.Tensor:
+    """(N, 1, H, W) float mask of pixels that are not a background colour."""
+    backgrounds = np.array(list(domain.BACKGROUNDS.values()), dtype=np.uint8)
+    is_bg = (images_uint8[:, :, :, None, :] == backgrounds).all(-1).any(-1)
+    return torch.from_numpy(~is_bg).to(device).float()[:, None]
+
+
 def train_vae(vae, s: Settings, seed: int, device):
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
@@ -183,9 +192,17 @@ def train_vae(vae, s: Settings, seed: int, device):
         _, images = next(data)
         x = to_pixels(images, device)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        # Decode the mean plus a little fixed-scale noise: sampling with the untrained
+        # variance (std ~1 at init) drowns the signal, and the decoder then learns only the
+        # average colour for hundreds of steps. The noise keeps the latent space smooth
+        # enough for imperfect UNet outputs.
+        z = posterior.mean + s.vae_latent_noise * torch.randn(posterior.mean.shape, generator=gen, device=device)
+        recon = vae.decode(z).sample
         mse = F.mse_loss(recon, x)
-        loss = mse + s.vae_kl_weight * posterior.kl().mean()
+        # Shapes cover a tenth of the pixels but carry most of the caption (their hue is
+        # what a plain loss learns last), so their pixels weigh `vae_shape_weight` times more.
+        weight = 1 + (s.vae_shape_weight - 1) * shape_pixels(images, device)
+        loss = (weight * ((recon - x) ** 2 + (recon - x).abs())).mean() + s.vae_kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -233,18 +250,18 @@ def text_table(text_encoder, tokenizer, device) -> tuple[dict[str, int], torch.T
 
 
 @torch.no_grad()
-def encode_dataset(vae, s: Settings, seed: int, device) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def encode_dataset(vae, s: Settings, seed: int, device) -> tuple[list[str], torch.Tensor]:
     """Render and VAE-encode the UNet's training set once (the encoder would otherwise
-    cost a third of every step on CPU); returns captions, latent means and stds (scaled)."""
-    captions, means, stds = [], [], []
+    cost a third of every step on CPU); returns captions and scaled latent means (the
+    VAE is trained to decode means, see train_vae)."""
+    captions, means = [], []
     data = batches(seed + 4, 256)
     for _ in tqdm(range(math.ceil(s.unet_dataset / 256)), desc="encode", mininterval=5):
         caps, images = next(data)
         posterior = vae.encode(to_pixels(images, device)).latent_dist
         captions += caps
         means.append(posterior.mean * vae.config.scaling_factor)
-        stds.append(posterior.std * vae.config.scaling_factor)
-    return captions, torch.cat(means), torch.cat(stds)
+    return captions, torch.cat(means)
 
 
 def train_unet(unet, vae, text_encoder, tokenizer, s: Settings, seed: int, device, checkpoint=None):
@@ -255,7 +272,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, s: Settings, seed: int, devic
 
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
     index, states = text_table(text_encoder, tokenizer, device)
-    captions, means, stds = encode_dataset(vae, s, seed, device)
+    captions, means = encode_dataset(vae, s, seed, device)
     caption_ids = torch.tensor([index[c] for c in captions], device=device)
     unet.to(device).train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -265,7 +282,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, s: Settings, seed: int, devic
     bar = tqdm(range(s.unet_steps), desc="unet", mininterval=5)
     for step in bar:
         pick = torch.randint(0, len(captions), (s.unet_batch,), generator=gen, device=device)
-        latents = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=gen, device=device)
+        latents = means[pick]
         keep = torch.rand(s.unet_batch, generator=gen, device=device) >= s.caption_dropout
         cond = states[torch.where(keep, caption_ids[pick], torch.zeros_like(pick))]  # row 0 is ""
         noise = torch.randn(latents.shape, generator=gen, device=device)
@@ -303,6 +320,8 @@ def main(argv=None) -> Path:
                    help="smoke: seconds, for tests; default: the shipped model (~40 min on 2 CPU cores)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; on a busy shared CPU 1 is much faster than 2)")
+    p.add_argument("--resume-vae", action="store_true",
+                   help="start the vae stage from the VAE already in --out (to train it further)")
     p.add_argument("--resume-unet", action="store_true",
                    help="start the unet stage from the UNet already in --out (to train a model further)")
     p.add_argument("--stages", default="clip,vae,unet",
@@ -342,7 +361,8 @@ def main(argv=None) -> Path:
         print(f"clip done at {time.time() - t0:.0f}s", flush=True)
 
     if "vae" in stages:
-        vae = train_vae(build_vae(), settings, args.seed, device)
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae") if args.resume_vae else build_vae()
+        vae = train_vae(vae, settings, args.seed, device)
         vae.save_pretrained(model_dir / "vae", safe_serialization=True)
         print(f"vae done at {time.time() - t0:.0f}s (scaling_factor={vae.config.scaling_factor:.4f})", flush=True)
     if "unet" not in stages:
