@@ -252,15 +252,16 @@ def run(args) -> int:
             progress.set_postfix(errors=counts["error"], refresh=False)
             if sum(t.num_rows for t in pending) >= args.shard_rows or time.monotonic() - last_flush > args.flush_seconds:
                 flush()
-    except Exception as e:  # a worker failure Ray could not recover from: keep what is done
+    except (Exception, KeyboardInterrupt) as e:  # unrecoverable worker failure or Ctrl-C: keep what is done
         flush()
         progress.close()
-        this_run.update(failed_at=_now(), ok=counts["ok"], error=counts["error"], shards=seq, failure=_one_line(e))
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else _one_line(e)
+        this_run.update(failed_at=_now(), ok=counts["ok"], error=counts["error"], shards=seq, failure=reason)
         store.write_run(record)
-        print(f"error: generation failed after {len(written)} of {todo.num_rows} rows: {_one_line(e)}\n"
+        print(f"error: generation stopped after {len(written)} of {todo.num_rows} rows: {reason}\n"
               f"The {len(written)} finished rows are saved in {args.out}; re-run the same command to resume.",
               file=sys.stderr)
-        return 1
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
     flush()
     progress.close()
     restarts = _actor_restarts()
