@@ -306,16 +306,15 @@ def make_rows(spec, args, n: int):
 # --------------------------------------------------------------------------- the three paths
 
 
-def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, loaded=None, repeats: int = 1):
+def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1):
     """A user's loop: one pipeline, one scheduler, a call per batch. Returns
-    (seconds, pixels of the first batch by sample_id, peak bytes, loaded model)."""
+    (median pass seconds, pixels of the first batch by sample_id, peak bytes)."""
     import torch
 
     from pipelines.models import load_model
     from pipelines.schedulers import make_scheduler
 
-    if loaded is None:
-        loaded = load_model(spec, device, dtype)
+    loaded = load_model(spec, device, dtype)  # from_pretrained + .to(device), safety checker off
     pipe = loaded.pipe
     r0 = rows.iloc[0]
     pipe.scheduler = make_scheduler(r0.scheduler, loaded.scheduler_config, spec.family)
@@ -343,17 +342,15 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, lo
                 if start == 0:
                     first = dict(zip(chunk.sample_id, to_uint8(images)))
             passes.append(time.perf_counter() - t0)
-    return float(np.median(passes)), first, mem.peak, loaded
+    return float(np.median(passes)), first, mem.peak
 
 
-def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, actor=None, repeats: int = 1):
+def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1):
     """GenerateActor in this process, on pandas batches of `batch` rows, as Ray would feed it."""
     from jobs.generate import GenerateActor
 
-    if actor is None:
-        actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None)
-    actor.batch_size = batch  # a plain attribute: the same actor (model loaded once) serves every batch size
-    actor(rows.iloc[:batch])  # warm-up (and model load on first use)
+    actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None)
+    actor(rows.iloc[:batch])  # warm-up (and model load)
     passes = []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
@@ -367,7 +364,7 @@ def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, ac
     pixels = {sid: (None if raw is None else np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3))
               for sid, raw, h, w in zip(out.sample_id, out.pixels, out.height, out.width)}
     errors = out.error[out.status != "ok"].tolist()
-    return seconds, pixels, errors, mem.peak, actor
+    return seconds, pixels, errors, mem.peak
 
 
 def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, work: Path, models_file):
@@ -418,6 +415,10 @@ def run_throughput(args) -> tuple[list[dict], dict]:
     from pipelines.architectures import count_flops, flops_per_image
     from pipelines.models import resolve_dtype
 
+    diffusers.utils.logging.disable_progress_bar()  # loading bars would bury the report
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     device, device_name = _device()
     out_dir = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out_dir / "_work"
@@ -436,16 +437,13 @@ def run_throughput(args) -> tuple[list[dict], dict]:
     for name, (spec, weights, arch) in models.items():
         dtype = resolve_dtype(spec, device, args.dtype)
         peak, peak_source = peak_tflops(args, device, device_name, dtype)
-        loaded = actor = None
-        flops = None
+        r0 = make_rows(spec, args, 1).iloc[0]
+        counts = count_flops(_pipe_for_flops(spec, arch), int(r0.height), int(r0.width), float(r0.guidance) > 1)
+        flops = flops_per_image(counts, int(r0.steps))
+        _free(device)
         for batch in batches:
             n = args.rows or max(4, 4 * batch)
             rows = make_rows(spec, args, n)
-            r0 = rows.iloc[0]
-            cfg = float(r0.guidance) > 1
-            if flops is None:
-                counts = count_flops(_pipe_for_flops(spec, arch, loaded), int(r0.height), int(r0.width), cfg)
-                flops = flops_per_image(counts, int(r0.steps))
             base = dict(run_id=run_id, suite=args.suite, model=name, weights=weights, pipeline=spec.pipeline,
                         device=device, device_name=device_name, dtype=dtype, batch_size=batch, rows=n,
                         repeats=args.repeats,
@@ -459,14 +457,14 @@ def run_throughput(args) -> tuple[list[dict], dict]:
             got = {}
             print(f"[benchmark] {name} batch {batch}: {n} rows, {int(r0.steps)} steps, "
                   f"{int(r0.height)}x{int(r0.width)}, {dtype} on {device_name}", file=sys.stderr)
+            # Each path loads its own copy and frees it before the next, so peak memory is its own.
             if "plain" in args.paths:
-                seconds, plain_px, mem, loaded = time_plain(spec, rows, batch, device, dtype, loaded, args.repeats)
+                seconds, plain_px, mem = time_plain(spec, rows, batch, device, dtype, args.repeats)
+                _free(device)
                 got["plain"] = dict(seconds=seconds, peak_mem_bytes=mem)
             if "actor" in args.paths:
-                if device == "cuda" and loaded is not None and actor is None:
-                    loaded = None  # one copy of the weights on the GPU at a time
-                    _free(device)
-                seconds, actor_px, errors, mem, actor = time_actor(spec, rows, batch, device, dtype, actor, args.repeats)
+                seconds, actor_px, errors, mem = time_actor(spec, rows, batch, device, dtype, args.repeats)
+                _free(device)
                 got["actor"] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors))
                 if errors:
                     print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
@@ -474,9 +472,6 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                     got["actor"]["pixels_max_diff"] = max_pixel_diff(plain_px, actor_px)
                     got["actor"]["pixels_compared"] = len(plain_px)
             if "ray" in args.paths:
-                if device == "cuda":
-                    loaded = actor = None  # the job's actor needs the GPU memory
-                    _free(device)
                 runs = [time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models)
                         for _ in range(args.repeats)]
                 ray = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
@@ -503,19 +498,17 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                 rec["pixels_match"] = None if "pixels_compared" not in g else (
                     d is not None and d <= args.pixel_tolerance and rec["errors"] == 0)
                 records.append(rec)
-        loaded = actor = None
-        _free(device)
     return records, env
 
 
-def _pipe_for_flops(spec, arch, loaded):
+def _pipe_for_flops(spec, arch):
     """FLOPs need only the architecture: a meta-device build when it is a known one, else the model's configs."""
     from pipelines.architectures import build_random_pipeline
     from pipelines.models import load_model
 
     if arch is not None:
         return build_random_pipeline(arch, device="meta")
-    return loaded.pipe if loaded is not None else load_model(spec, "cpu", "float32").pipe
+    return load_model(spec, "cpu", "float32").pipe  # only the components' configs are used
 
 
 def _init_ray():
