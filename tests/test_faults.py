@@ -3,6 +3,7 @@ always fail, weights that must not load."""
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -133,3 +134,22 @@ def test_pickled_weights_are_refused_before_any_worker_starts(tmp_path, broken_m
     err = capsys.readouterr().err
     assert "pickled weights" in err and "safetensors" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_commits_finished_rows_and_says_how_to_resume(tmp_path, ray_local):
+    path, rows = manifest(tmp_path, 40, steps=6)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "jobs" / "generate.py"), str(path), "--out", str(out),
+           "--batch-size", "2", "--shard-rows", "100", "--flush-seconds", "3600", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: actor_pids(), 300, "the generation actor")
+    time.sleep(15)  # some batches finish, none committed yet (shards of 100 rows, no timed flush)
+    assert not shards(out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "re-run the same command to resume" in err
+    finished = int(re.search(r"stopped after (\d+) of 40 rows", err).group(1))
+    done = pd.read_parquet(out) if shards(out) else pd.DataFrame({"sample_id": []})
+    assert len(done) == finished < 40 and done.sample_id.is_unique
