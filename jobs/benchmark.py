@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "Default: sd15, sdxl, embedded on a GPU; embedded (else tiny-random) on CPU")
     p.add_argument("--models", default=None, metavar="FILE", help="extra models YAML, as for jobs/generate.py")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,4,16 on GPU; 1,4 on CPU)")
-    p.add_argument("--rows", type=int, default=None, help="timed images per path and batch size (default 4 x batch, >= 4)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="timed images per path and batch size (default 4 x batch, >= 4)")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed passes per path; the median pass is reported (use 3+ on a shared machine)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
@@ -81,8 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of plain,actor,ray (default all)")
     p.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
     p.add_argument("--work-dir", default=None, help="where random-weight models are saved (default OUT/_work)")
-    p.add_argument("--history", default=None, metavar="FILE.parquet", help="append records here and check for regressions")
-    p.add_argument("--tolerance", type=float, default=0.1, help="allowed images/s drop vs the history median (default 0.1)")
+    p.add_argument("--history", default=None, metavar="FILE.parquet",
+                   help="append records here and check for regressions")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="allowed images/s drop vs the history median (default 0.1)")
     p.add_argument("--window", type=int, default=5, help="previous runs the median is taken over (default 5)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU (default by name: H100/H200 989, A100 312; CPU: a measured fp32 matmul)")
@@ -253,7 +256,8 @@ def resolve_models(args, work_dir: Path, device: str):
 
     registry = ModelRegistry.with_user_file(args.models)
     user = set(load_models_yaml(args.models)) if args.models else set()
-    names = args.model or (["sd15", "sdxl", "embedded"] if device == "cuda" else [_cpu_default(registry)])
+    names = args.model or (["sd15", "sdxl"] + (["embedded"] if _embedded_built() else []) if device == "cuda"
+                           else [_cpu_default()])
     out = {}
     for name in names:
         if name in ARCHITECTURES and name not in user:
@@ -263,7 +267,9 @@ def resolve_models(args, work_dir: Path, device: str):
             if not (target / "model_index.json").is_file():
                 print(f"[benchmark] building {name} with random weights ({dtype}) in {target}", file=sys.stderr)
                 pipe = build_random_pipeline(name, dtype=dtype, device=device)
-                pipe.save_pretrained(target, safe_serialization=True)
+                staging = target.with_name(f".{target.name}.{os.getpid()}")
+                pipe.save_pretrained(staging, safe_serialization=True)
+                os.replace(staging, target)  # a half-written directory is never reused
                 del pipe
                 _free(device)
             out[name] = (replace(spec, source=str(target), variant=None), "random", name)
@@ -274,10 +280,14 @@ def resolve_models(args, work_dir: Path, device: str):
     return out
 
 
-def _cpu_default(registry) -> str:
+def _embedded_built() -> bool:
     from pipelines.models import EMBEDDED_DIR
 
-    if (EMBEDDED_DIR / "model_index.json").is_file():
+    return (EMBEDDED_DIR / "model_index.json").is_file()
+
+
+def _cpu_default() -> str:
+    if _embedded_built():
         return "embedded"
     print("[benchmark] the embedded model is not built yet (pipelines/embedded/model); using tiny-random",
           file=sys.stderr)
@@ -516,8 +526,8 @@ def _init_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}},
-                 log_to_driver=True, logging_level="WARNING")
+        path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True, logging_level="WARNING")
 
 
 def _ray_version():
@@ -554,7 +564,8 @@ def _bytes(v) -> str:
 def markdown(records: list[dict], env: dict) -> str:
     lines = [f"# Throughput benchmark ({env['run_id']})", "",
              f"Machine: {env['device_name']} ({env['device']}), host {env['host']}; torch {env['torch_version']}, "
-             f"diffusers {env['diffusers_version']}, ray {env['ray_version'] or '-'}; commit {env['git_commit'] or '-'}.", ""]
+             f"diffusers {env['diffusers_version']}, ray {env['ray_version'] or '-'}; "
+             f"commit {env['git_commit'] or '-'}.", ""]
     if env.get("command"):
         lines += [f"Command: `{env['command']}`", ""]
     by_model: dict[str, list[dict]] = {}
@@ -566,7 +577,8 @@ def markdown(records: list[dict], env: dict) -> str:
                   f"{r0['height']}x{r0['width']}, {r0['steps']} {r0['scheduler']} steps, CFG {r0['guidance']:g}, "
                   f"{r0['dtype']}. FLOPs per image {r0['flops_per_image'] / 1e12:.4g} TFLOP (UNet step "
                   f"{r0['unet_step_flops'] / 1e12:.4g}, VAE decode {r0['vae_decode_flops'] / 1e12:.4g}, text "
-                  f"{r0['text_flops'] / 1e12:.4g}); peak {_fmt(r0['peak_tflops'], '.4g')} TFLOP/s ({r0['peak_source']}).",
+                  f"{r0['text_flops'] / 1e12:.4g}); peak {_fmt(r0['peak_tflops'], '.4g')} TFLOP/s "
+                  f"({r0['peak_source']}).",
                   "", "| path | batch | images/s | s/image | MFU | peak mem | vs plain diffusers |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in recs:
@@ -647,7 +659,8 @@ def apply_history(records: list[dict], path: str, tolerance: float, window: int)
 
 def write_outputs(records: list[dict], env: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "throughput.json").write_text(json.dumps({"environment": env, "records": records}, indent=2, default=str))
+    doc = {"environment": env, "records": records}
+    (out_dir / "throughput.json").write_text(json.dumps(doc, indent=2, default=str))
     records_frame(records).to_parquet(out_dir / "throughput.parquet", index=False)
     (out_dir / "throughput.md").write_text(markdown(records, env))
 

@@ -185,7 +185,8 @@ def build_random_pipeline(arch: str, dtype="float32", device="cpu", seed: int = 
     pipe_cls = getattr(diffusers, cfg["pipeline"])
     extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
         if cfg["pipeline"] == "StableDiffusionPipeline" else {}
-    pipe = pipe_cls(tokenizer=tokenizer, scheduler=getattr(diffusers, sched_cls).from_config(sched_cfg), **parts, **extra)
+    scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)
+    pipe = pipe_cls(tokenizer=tokenizer, scheduler=scheduler, **parts, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -237,11 +238,9 @@ def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1)
                                            time_ids=torch.empty(n, n_ids, device=meta))
     timestep = torch.full((n,), 500, device=meta)
     out = {"unet_step": _count(lambda: unet(latents, timestep, **kwargs))}
-    del unet
     vae = _meta_twin(pipe.vae)
     z = torch.empty(batch, vae.config.latent_channels, height // factor, width // factor, device=meta)
     out["vae_decode"] = _count(lambda: vae.decode(z))
-    del vae
     text = 0
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
