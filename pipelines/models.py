@@ -205,12 +205,16 @@ def resolve_dtype(spec: ModelSpec, device: str, requested: str = "auto") -> str:
 
 
 def _refuse_pickles(directory: Path, name: str) -> None:
-    pickles = [p for p in directory.rglob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl")]
-    if pickles and not any(directory.rglob("*.safetensors")):
-        rel = ", ".join(str(p.relative_to(directory)) for p in pickles[:3])
+    """Refuse a model any of whose components has only pickled weights (loading those can
+    run arbitrary code). Components are checked folder by folder."""
+    pickled = [p for p in directory.rglob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl")]
+    unsafe = sorted({p.parent for p in pickled if not any(p.parent.glob("*.safetensors"))})
+    if unsafe:
+        rel = ", ".join(str(d.relative_to(directory)) or "." for d in unsafe[:4])
         raise ModelConfigError(
-            f"model {name!r}: {directory} holds only pickled weights ({rel}); diffsweep loads safetensors only. "
-            "Convert them (e.g. load once in a trusted session and save_pretrained(safe_serialization=True))."
+            f"model {name!r}: {directory} has components with only pickled weights ({rel}); diffsweep loads "
+            "safetensors only. Convert them (load once in a trusted session, then "
+            "save_pretrained(..., safe_serialization=True))."
         )
 
 

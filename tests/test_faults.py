@@ -132,7 +132,7 @@ def test_pickled_weights_are_refused_before_any_worker_starts(tmp_path, broken_m
     path = write_parquet(tmp_path / "m.parquet", [dict(prompt="a", model="pickled")])
     assert gen_job.main([str(path), "--out", str(tmp_path / "out"), "--models", str(broken_models)]) == 2
     err = capsys.readouterr().err
-    assert "pickled weights" in err and "safetensors" in err
+    assert "only pickled weights" in err and "safetensors" in err
     assert not (tmp_path / "out").exists()
 
 
