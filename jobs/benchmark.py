@@ -438,7 +438,8 @@ def run_throughput(args) -> tuple[list[dict], dict]:
     env = dict(run_id=run_id, suite=args.suite, created_at=_now(), host=socket.gethostname(), device=device,
                device_name=device_name, torch_version=torch.__version__, diffusers_version=diffusers.__version__,
                ray_version=_ray_version() if "ray" in args.paths else None, python=sys.version.split()[0],
-               git_commit=_git_commit(), cpu_count=os.cpu_count(), command=args.command)
+               git_commit=_git_commit(), cpu_count=os.cpu_count(), command=args.command,
+               load_avg_at_start=_load_avg())
     for spec, _, _ in models.values():
         make_rows(spec, args, 1)  # bad flags (scheduler, size, steps) fail here, before Ray starts
     if "ray" in args.paths:
@@ -522,12 +523,17 @@ def _pipe_for_flops(spec, arch):
 
 
 def _init_ray():
-    """Ray up before the clock starts: timing is from job submit, on a running cluster."""
+    """Ray up before the clock starts: timing is from job submit, on a running cluster.
+
+    A fresh local Ray unless RAY_ADDRESS names one (as under `ray job submit`): a bare
+    ray.init() would attach to any `ray start` cluster on the machine, and the benchmark
+    compares paths on the same machine."""
     import ray
 
     if not ray.is_initialized():
         path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True, logging_level="WARNING")
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env={"env_vars": {"PYTHONPATH": path}},
+                 log_to_driver=True, logging_level="WARNING")
 
 
 def _ray_version():
@@ -541,6 +547,14 @@ def _git_commit() -> str | None:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _load_avg() -> float | None:
+    """1-minute load average: on a shared machine, what else was competing for the cores."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
         return None
 
 
@@ -566,6 +580,9 @@ def markdown(records: list[dict], env: dict) -> str:
              f"Machine: {env['device_name']} ({env['device']}), host {env['host']}; torch {env['torch_version']}, "
              f"diffusers {env['diffusers_version']}, ray {env['ray_version'] or '-'}; "
              f"commit {env['git_commit'] or '-'}.", ""]
+    if env.get("load_avg_at_start") is not None:
+        lines += [f"Load average (1 min) at start {env['load_avg_at_start']}, at end {env.get('load_avg_at_end')}, "
+                  f"on {env['cpu_count']} cores.", ""]
     if env.get("command"):
         lines += [f"Command: `{env['command']}`", ""]
     by_model: dict[str, list[dict]] = {}
@@ -669,6 +686,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         records, env = run_throughput(args)
+        env["load_avg_at_end"] = _load_avg()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -223,14 +223,15 @@ def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1)
 
     unet_step: one denoising step (the UNet runs on 2*batch latents under classifier-free
     guidance); vae_decode; text: every text encoder over prompt (and negative prompt under
-    CFG), 77 tokens each. Per image: steps * unet_step + vae_decode + text, over batch.
+    CFG), padded to the tokenizer's length (77 for CLIP). Per image: steps * unet_step + vae_decode + text, over batch.
     """
     meta = torch.device("meta")
+    tokens = _prompt_tokens(pipe)
     unet = _meta_twin(pipe.unet)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     n = batch * (2 if cfg else 1)
     latents = torch.empty(n, unet.config.in_channels, height // factor, width // factor, device=meta)
-    kwargs = dict(encoder_hidden_states=torch.empty(n, 77, unet.config.cross_attention_dim, device=meta))
+    kwargs = dict(encoder_hidden_states=torch.empty(n, tokens, unet.config.cross_attention_dim, device=meta))
     if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids
         n_ids = 6
         pooled = unet.config.projection_class_embeddings_input_dim - n_ids * unet.config.addition_time_embed_dim
@@ -246,10 +247,17 @@ def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1)
         encoder = getattr(pipe, name, None)
         if encoder is not None:
             twin = _meta_twin(encoder)
-            ids = torch.zeros(n, 77, dtype=torch.long, device=meta)
+            ids = torch.zeros(n, tokens, dtype=torch.long, device=meta)
             text += _count(lambda: twin(ids))
     out["text"] = text
     return out
+
+
+def _prompt_tokens(pipe) -> int:
+    """Diffusers pads every prompt to the tokenizer's length (77 for CLIP; shorter for small models)."""
+    limit = pipe.text_encoder.config.max_position_embeddings
+    tokenizer = getattr(pipe, "tokenizer", None)
+    return min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
 
 
 def flops_per_image(counts: dict[str, int], steps: int, batch: int = 1) -> float:
