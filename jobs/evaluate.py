@@ -137,12 +137,9 @@ def extract_missing(results_dir: Path, ok: pd.DataFrame, caches: dict, attr_cach
     missing = set().union(*needed.values()) if needed else set()
     if not missing:
         return 0
-    import ray
+    from jobs.ray_session import init_ray
 
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ray = init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = args.pool_size or max(1, gpus)
     missing_list = sorted(missing)

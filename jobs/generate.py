@@ -186,17 +186,9 @@ def run(args) -> int:
         print(f"nothing to do: all {manifest.num_rows} rows are already in {args.out}", file=sys.stderr)
         return 0
 
-    import ray
+    from jobs.ray_session import init_ray
 
-    if not ray.is_initialized():
-        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
-        ray.init(runtime_env={"env_vars": env},
-                 log_to_driver=True, logging_level="WARNING")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
+    ray = init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if gpus else 0.0)
     pool = args.pool_size or (max(1, int(gpus // num_gpus)) if num_gpus else 1)

@@ -25,6 +25,14 @@ def ray_local():
     ray.shutdown()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from pipelines.models import ModelRegistry, load_model
