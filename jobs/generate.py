@@ -106,7 +106,7 @@ class GenerateActor:
         for name, part in batch.groupby("model", sort=False):
             model = self._model(name)
             rows = part.to_dict("records")
-            now = dt.datetime.now(dt.timezone.utc)
+            now = dt.datetime.now(dt.timezone.utc)  # batch start: jobs/benchmark.py measures start-up from it
             for res in generate(model, rows, self.batch_size):
                 out.append({
                     "sample_id": res.sample_id,

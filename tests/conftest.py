@@ -16,6 +16,7 @@ def ray_local():
     import ray
 
     ray.init(
+        address="local",  # a fresh cluster, never one a `ray start` left on the machine
         num_cpus=2,
         include_dashboard=False,
         logging_level="WARNING",
