@@ -176,6 +176,7 @@ def run(args) -> int:
         "manifest_digest": digest,
         "manifest_rows": manifest.num_rows,
         "options": {k: v for k, v in vars(args).items()},
+        "versions": _versions(),
         "runs": (previous or {}).get("runs", []),
     }
     this_run = {"run_id": run_id, "started_at": _now(), "host": socket.gethostname(), "python": sys.version.split()[0],
@@ -265,6 +266,18 @@ def run(args) -> int:
           + (f"; {counts['truncated']} prompt(s) longer than the text encoder reads were truncated" if counts["truncated"] else ""),
           file=sys.stderr)
     return 0
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("diffsweep", "diffusers", "torch", "transformers", "ray", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def _one_line(e: BaseException) -> str:

@@ -55,6 +55,7 @@ def test_sweep_output_is_complete_and_typed(sweep):
     assert df.model_digest.nunique() == 1 and df.device.str.startswith("cpu").all()
     run = json.loads((out / "_run.json").read_text())
     assert run["runs"][-1]["ok"] == 48 and run["manifest_rows"] == 48
+    assert run["versions"]["diffusers"] and run["versions"]["torch"] and run["manifest_digest"]
 
 
 def test_results_group_by_configuration_out_of_the_box(sweep):
