@@ -181,9 +181,16 @@ def shape_pixels(images_uint8: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(~is_bg).to(device).float()[:, None]
 
 
-def train_vae(vae, s: Settings, seed: int, device):
+def train_vae(vae, s: Settings, seed: int, device, decoder_only: bool = False, checkpoint=None):
+    """Train the VAE on renders. `decoder_only` keeps the encoder (and so the latent space
+    and scaling_factor a UNet was trained on) fixed and sharpens the decoder, as SD's
+    fine-tuned decoders do; it can run while the UNet trains."""
     vae.to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.vae_steps))
     data = batches(seed + 2, s.vae_batch)
     gen = torch.Generator(device=device).manual_seed(seed + 2)
@@ -191,7 +198,8 @@ def train_vae(vae, s: Settings, seed: int, device):
     for step in bar:
         _, images = next(data)
         x = to_pixels(images, device)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(x).latent_dist
         # Decode the mean plus a little fixed-scale noise: sampling with the untrained
         # variance (std ~1 at init) drowns the signal, and the decoder then learns only the
         # average colour for hundreds of steps. The noise keeps the latent space smooth
@@ -209,7 +217,11 @@ def train_vae(vae, s: Settings, seed: int, device):
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(mse=f"{mse.item():.4f}")
+        if checkpoint is not None and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.vae_steps:
+            checkpoint(vae, step + 1)
     vae.eval()
+    if decoder_only:
+        return vae
     with torch.no_grad():  # SD's convention: scale latents to unit variance
         _, images = next(batches(seed + 3, 256))
         std = vae.encode(to_pixels(images, device)).latent_dist.mean.std().item()
@@ -322,6 +334,8 @@ def main(argv=None) -> Path:
                    help="torch CPU threads (0: torch's default; on a busy shared CPU 1 is much faster than 2)")
     p.add_argument("--resume-vae", action="store_true",
                    help="start the vae stage from the VAE already in --out (to train it further)")
+    p.add_argument("--vae-decoder-only", action="store_true",
+                   help="with --resume-vae: train only the decoder (keeps the latent space a UNet uses)")
     p.add_argument("--resume-unet", action="store_true",
                    help="start the unet stage from the UNet already in --out (to train a model further)")
     p.add_argument("--stages", default="clip,vae,unet",
@@ -362,7 +376,12 @@ def main(argv=None) -> Path:
 
     if "vae" in stages:
         vae = AutoencoderKL.from_pretrained(model_dir / "vae") if args.resume_vae else build_vae()
-        vae = train_vae(vae, settings, args.seed, device)
+        def vae_checkpoint(vae, step):  # only meaningful when the latent space is fixed
+            vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+            print(f"checkpoint at vae step {step}, {time.time() - t0:.0f}s", flush=True)
+
+        vae = train_vae(vae, settings, args.seed, device, decoder_only=args.vae_decoder_only,
+                        checkpoint=vae_checkpoint if args.vae_decoder_only else None)
         vae.save_pretrained(model_dir / "vae", safe_serialization=True)
         print(f"vae done at {time.time() - t0:.0f}s (scaling_factor={vae.config.scaling_factor:.4f})", flush=True)
     if "unet" not in stages:
