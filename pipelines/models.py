@@ -56,7 +56,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in [
         ModelSpec("embedded", str(EMBEDDED_DIR), "ddim", 25, 7.5, 64, 64, pipeline="StableDiffusionPipeline",
-                  gpu_dtype="float32"),
+                  gpu_dtype="float32", max_prompt_tokens=32),
         ModelSpec("tiny-random", BUILTIN_PREFIX + "tiny-random", "pndm", 10, 7.5, 32, 32,
                   pipeline="StableDiffusionPipeline", gpu_dtype="float32"),
         ModelSpec("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "pndm", 50, 7.5, 512, 512,
