@@ -44,20 +44,21 @@ def wait_for(predicate, timeout, what):
 
 
 def test_actor_killed_mid_job_is_replaced_and_every_row_finishes(tmp_path, ray_local):
-    path, rows = manifest(tmp_path, 16, steps=6)
+    path, rows = manifest(tmp_path, 40, steps=40)
     out = tmp_path / "out"
     result = {}
-    args = [str(path), "--out", str(out), "--batch-size", "2", "--shard-rows", "2", "--no-progress"]
+    args = [str(path), "--out", str(out), "--batch-size", "1", "--shard-rows", "1", "--no-progress"]
     job = threading.Thread(target=lambda: result.setdefault("rc", gen_job.main(args)))
     job.start()
     wait_for(lambda: len(shards(out)) >= 1 and actor_pids(), 300, "a first committed shard")
     killed = actor_pids()
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
+    assert job.is_alive(), "the job should still have rows to do when its actor is killed"
     job.join(timeout=600)
     assert result.get("rc") == 0
     df = pd.read_parquet(out)
-    assert len(df) == 16 and df.sample_id.is_unique and (df.status == "ok").all()
+    assert len(df) == 40 and df.sample_id.is_unique and (df.status == "ok").all()
     workers_after = {int(w.split(":")[1]) for w in df.worker}
     assert workers_after - set(killed), "a replacement actor should have produced rows"
 
