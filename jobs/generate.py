@@ -96,8 +96,12 @@ class GenerateActor:
             return self.models[name]
         while len(self.models) >= self.cache_size:
             self.models.popitem(last=False)
-        self.models[name] = load_model(self.specs[name], self.device, self.dtype)
-        return self.models[name]
+        from pipelines.generate import warm_up
+
+        model = load_model(self.specs[name], self.device, self.dtype)
+        warm_up(model)
+        self.models[name] = model
+        return model
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from pipelines.generate import generate
