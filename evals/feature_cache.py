@@ -29,9 +29,8 @@ class FeatureCache:
         self.dir = Path(root) / key
 
     def ids(self) -> set[str]:
-        if not self.dir.exists():
-            return set()
-        return set(pq.read_table(self.dir, columns=["sample_id"]).column(0).to_pylist()) if self._files() else set()
+        files = self._files()
+        return set(pq.read_table(files, columns=["sample_id"]).column(0).to_pylist()) if files else set()
 
     def _files(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.parquet"))
@@ -40,9 +39,10 @@ class FeatureCache:
         """Features in the order of `sample_ids` (all must be cached), as float64 [n, dim]."""
         if not sample_ids:
             return np.zeros((0, 0))
-        table = pq.read_table(self._files()) if self._files() else None
-        if table is None:
+        files = self._files()
+        if not files:
             raise KeyError(f"no cached features in {self.dir}")
+        table = pq.read_table(files)
         position = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
         missing = [s for s in sample_ids if s not in position]
         if missing:

@@ -310,15 +310,9 @@ def _from_pretrained(spec: ModelSpec, torch_dtype):
     cls = diffusers.AutoPipelineForText2Image if spec.pipeline == "auto" else getattr(diffusers, spec.pipeline, None)
     if cls is None:
         raise ModelConfigError(f"model {spec.name!r}: diffusers has no pipeline class {spec.pipeline!r}")
+    check_available(spec)  # missing directory, pickled weights, offline cache miss
     local = Path(spec.source).expanduser()
     is_local = local.is_dir()
-    if spec.source.startswith(("/", ".", "~")) and not is_local:
-        raise ModelNotFoundError(
-            f"model {spec.name!r}: local directory {spec.source!r} does not exist. "
-            "Point 'source' in your --models YAML at a diffusers model directory (one holding model_index.json)."
-        )
-    if is_local:
-        _refuse_pickles(local, spec.name)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True, local_files_only=offline or is_local)
     if spec.variant and not is_local:
