@@ -3,6 +3,12 @@
 
     python jobs/benchmark.py --suite throughput --model sd15 --batch-sizes 1,4,16 --out bench/
     python jobs/benchmark.py --suite throughput --model tiny-random --rows 8 --steps 4 --out /tmp/b   # CPU smoke
+    python jobs/benchmark.py --sweep mixed --batching config,continuous --model sd15 --batch-sizes 16 --out bench/
+
+`--sweep mixed` times a sweep of 4 schedulers x 3 step counts x 3 guidance scales instead of
+one configuration: plain diffusers loops over the configurations as a user would, and the
+actor and the Ray job run it with each `--batching` (config: a diffusers call per
+configuration; continuous: rows of all configurations share UNet calls).
 
 For each model and batch size, on the same machine and the same rows:
   plain   StableDiffusion(XL)Pipeline called the way a user calls it (after one warm-up);
@@ -56,7 +62,10 @@ EXIT_REGRESSION = 3
 EXIT_PIXELS = 4
 PATHS = ("plain", "actor", "ray")
 PATH_LABEL = {"plain": "plain diffusers", "actor": "diffsweep actor", "ray": "diffsweep Ray job"}
-HISTORY_KEY = ["suite", "model", "device_name", "batch_size", "path", "dtype", "steps", "height", "width"]
+HISTORY_KEY = ["suite", "sweep", "model", "device_name", "batch_size", "path", "batching", "dtype", "steps", "height",
+               "width"]
+MIXED_SCHEDULERS = {"eps": ("ddim", "euler_a", "dpmpp_2m", "unipc"), "flow": ("flow_match_euler", "flow_match_heun")}
+MIXED_STEP_FRACTIONS = (0.4, 0.7, 1.0)  # of the model's (or --steps) step count
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name; anything else: --peak-tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
@@ -80,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="auto: the model's half type on GPU, float32 on CPU")
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of plain,actor,ray (default all)")
+    p.add_argument("--sweep", default="single", choices=["single", "mixed"],
+                   help="single: every row one configuration (default); mixed: 4 schedulers x 3 step counts x "
+                        "3 guidance scales (1, 4, the model's), --rows spread over the 36 configurations")
+    p.add_argument("--batching", default="config",
+                   help="comma list of config,continuous: the job's --batching values the actor and Ray paths "
+                        "run with (default config)")
     p.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
     p.add_argument("--work-dir", default=None, help="where random-weight models are saved (default OUT/_work)")
     p.add_argument("--history", default=None, metavar="FILE.parquet",
@@ -93,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.command = "python jobs/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
+    args.batching = [s.strip() for s in args.batching.split(",") if s.strip()]
+    if not args.batching or not set(args.batching) <= {"config", "continuous"}:
+        p.error(f"--batching: got {args.batching}; expected a comma list of config, continuous")
     bad = [s for s in args.paths if s not in PATHS]
     if bad or not args.paths:
         p.error(f"--paths: got {bad or args.paths}; expected a comma list of {', '.join(PATHS)}")
@@ -294,31 +312,46 @@ def _cpu_default() -> str:
     return "tiny-random"
 
 
+def configurations(spec, args) -> list[tuple[str, int, float]]:
+    """(scheduler, steps, guidance) of the benchmark: one, or the mixed sweep's 36."""
+    steps = args.steps or spec.steps
+    guidance = spec.guidance if args.guidance is None else args.guidance
+    if args.sweep == "single":
+        return [(args.scheduler, steps, guidance)]
+    step_counts = sorted({max(1, round(steps * f)) for f in MIXED_STEP_FRACTIONS})
+    scales = sorted({1.0, 4.0, guidance})
+    return [(s, n, g) for s in MIXED_SCHEDULERS[spec.family] for n in step_counts for g in scales]
+
+
 def make_rows(spec, args, n: int):
-    """`n` validated manifest rows for one configuration, as the job would run them."""
+    """`n` validated manifest rows spread round-robin over the configurations, in the job's
+    order (by run key)."""
     import pyarrow as pa
 
     from pipelines.models import ModelRegistry
-    from pipelines.schema import validate_manifest
+    from pipelines.schema import order_by_run_key, validate_manifest
 
     colors = ["red", "green", "blue", "yellow", "purple", "orange"]
     shapes = ["circle", "square", "triangle", "star"]
     h, w = args.size or (spec.height, spec.width)
-    rows = [dict(prompt=f"a {colors[i % 6]} {shapes[i % 4]} on a white background, sample {i}", seed=1000 + i,
-                 model=spec.name, scheduler=args.scheduler, steps=args.steps or spec.steps,
-                 guidance=spec.guidance if args.guidance is None else args.guidance, height=h, width=w)
-             for i in range(n)]
+    configs = configurations(spec, args)
+    rows = []
+    for i in range(n):
+        scheduler, steps, guidance = configs[i % len(configs)]
+        rows.append(dict(prompt=f"a {colors[i % 6]} {shapes[i % 4]} on a white background, sample {i // len(configs)}",
+                         seed=1000 + i, model=spec.name, scheduler=scheduler, steps=steps, guidance=guidance,
+                         height=h, width=w))
     table = validate_manifest(pa.Table.from_pylist(rows), ModelRegistry({spec.name: spec}), spec.name,
                               source="benchmark rows")
-    return table.to_pandas()
+    return order_by_run_key(table).to_pandas()
 
 
 # --------------------------------------------------------------------------- the three paths
 
 
 def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1):
-    """A user's loop: one pipeline, one scheduler, a call per batch. Returns
-    (median pass seconds, pixels of the first batch by sample_id, peak bytes)."""
+    """A user's loop: one pipeline; per configuration, set its scheduler and call it per
+    batch. Returns (median pass seconds, pixels of the first batch by sample_id, peak bytes)."""
     import torch
 
     from pipelines.models import load_model
@@ -326,48 +359,52 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
 
     loaded = load_model(spec, device, dtype)  # from_pretrained + .to(device), safety checker off
     pipe = loaded.pipe
-    r0 = rows.iloc[0]
-    pipe.scheduler = make_scheduler(r0.scheduler, loaded.scheduler_config, spec.family)
-    cfg = float(r0.guidance) > 1
+    groups = [g for _, g in rows.groupby(["scheduler", "steps", "guidance", "height", "width"], sort=False)]
 
     def call(chunk):
+        r0 = chunk.iloc[0]
+        pipe.scheduler = make_scheduler(r0.scheduler, loaded.scheduler_config, spec.family)
         kwargs = dict(prompt=list(chunk.prompt), num_inference_steps=int(r0.steps), guidance_scale=float(r0.guidance),
                       height=int(r0.height), width=int(r0.width), output_type="np",
                       generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk.seed])
-        if cfg:
+        if float(r0.guidance) > 1:
             kwargs["negative_prompt"] = list(chunk.negative_prompt)
         with torch.inference_mode():
             images = pipe(**kwargs).images
         _sync(device)
         return images
 
-    call(rows.iloc[:batch])  # warm-up
+    call(groups[0].iloc[:batch])  # warm-up
     first, passes = {}, []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for start in range(0, len(rows), batch):
-                chunk = rows.iloc[start:start + batch]
-                images = call(chunk)
-                if start == 0:
-                    first = dict(zip(chunk.sample_id, to_uint8(images)))
+            for group in groups:
+                for start in range(0, len(group), batch):
+                    chunk = group.iloc[start:start + batch]
+                    images = call(chunk)
+                    if not first:
+                        first = dict(zip(chunk.sample_id, to_uint8(images)))
             passes.append(time.perf_counter() - t0)
     return float(np.median(passes)), first, mem.peak
 
 
-def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1):
-    """GenerateActor in this process, on pandas batches of `batch` rows, as Ray would feed it."""
-    from jobs.generate import GenerateActor
+def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1,
+               batching: str = "config"):
+    """GenerateActor in this process, on pandas batches of the rows Ray would feed it."""
+    from jobs.generate import CALL_ROWS_CONTINUOUS, GenerateActor
 
-    actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None)
+    actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None,
+                          batching=batching)
+    call_rows = batch * (CALL_ROWS_CONTINUOUS if batching == "continuous" else 1)  # as jobs/generate.py
     actor(rows.iloc[:batch])  # warm-up (and model load)
     passes = []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
             outs = []
             t0 = time.perf_counter()
-            for start in range(0, len(rows), batch):
-                outs.append(actor(rows.iloc[start:start + batch]))
+            for start in range(0, len(rows), call_rows):
+                outs.append(actor(rows.iloc[start:start + call_rows]))
             passes.append(time.perf_counter() - t0)
     seconds = float(np.median(passes))
     out = pd.concat(outs, ignore_index=True)
@@ -377,7 +414,8 @@ def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     return seconds, pixels, errors, mem.peak
 
 
-def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, work: Path, models_file):
+def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, work: Path, models_file,
+                 batching: str = "config"):
     """jobs/generate.py's main() on a manifest of `rows`, from submit to the last row committed."""
     import yaml
     from PIL import Image
@@ -389,7 +427,7 @@ def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, 
     manifest, results = work / "manifest.parquet", work / "results"
     rows.to_parquet(manifest, index=False)
     argv = [str(manifest), "--out", str(results), "--batch-size", str(batch), "--dtype", dtype,
-            "--overwrite", "--no-progress"]
+            "--batching", batching, "--overwrite", "--no-progress"]
     registered = ModelRegistry.with_user_file(models_file).specs.get(spec.name)
     if spec != registered:  # a random-weight build: tell the job where it is, as a user would
         models_file = work / "models.yaml"
@@ -449,13 +487,21 @@ def run_throughput(args) -> tuple[list[dict], dict]:
         dtype = resolve_dtype(spec, device, args.dtype)
         peak, peak_source = peak_tflops(args, device, device_name, dtype)
         r0 = make_rows(spec, args, 1).iloc[0]
-        counts = count_flops(_pipe_for_flops(spec, arch), int(r0.height), int(r0.width), float(r0.guidance) > 1)
-        flops = flops_per_image(counts, int(r0.steps))
+        pipe = _pipe_for_flops(spec, arch)
+        counts = count_flops(pipe, int(r0.height), int(r0.width), float(r0.guidance) > 1)
+        no_cfg = count_flops(pipe, int(r0.height), int(r0.width), False) if args.sweep == "mixed" else counts
+        del pipe
         _free(device)
         for batch in batches:
-            n = args.rows or max(4, 4 * batch)
+            n = args.rows or (len(configurations(spec, args)) * max(1, batch // 4) if args.sweep == "mixed"
+                              else max(4, 4 * batch))
             rows = make_rows(spec, args, n)
-            base = dict(run_id=run_id, suite=args.suite, model=name, weights=weights, pipeline=spec.pipeline,
+            flops = float(np.mean([flops_per_image(counts if g > 1 else no_cfg, int(k))
+                                   for g, k in zip(rows.guidance, rows.steps)]))
+            if args.sweep == "mixed":  # the record names the sweep, its largest step count and scale
+                r0 = rows.sort_values(["steps", "guidance"]).iloc[-1].copy()
+                r0["scheduler"] = "mixed"
+            base = dict(run_id=run_id, suite=args.suite, sweep=args.sweep, model=name, weights=weights, pipeline=spec.pipeline,
                         device=device, device_name=device_name, dtype=dtype, batch_size=batch, rows=n,
                         repeats=args.repeats,
                         steps=int(r0.steps), height=int(r0.height), width=int(r0.width),
@@ -465,44 +511,46 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                         torch_version=env["torch_version"], diffusers_version=env["diffusers_version"],
                         ray_version=env["ray_version"], host=env["host"], git_commit=env["git_commit"],
                         created_at=env["created_at"])
-            got = {}
-            print(f"[benchmark] {name} batch {batch}: {n} rows, {int(r0.steps)} steps, "
+            got = {}  # (path, batching) -> measurements
+            print(f"[benchmark] {name} batch {batch}: {n} rows, {args.sweep} sweep, up to {int(r0.steps)} steps, "
                   f"{int(r0.height)}x{int(r0.width)}, {dtype} on {device_name}", file=sys.stderr)
             # Each path loads its own copy and frees it before the next, so peak memory is its own.
             if "plain" in args.paths:
                 seconds, plain_px, mem = time_plain(spec, rows, batch, device, dtype, args.repeats)
                 _free(device)
-                got["plain"] = dict(seconds=seconds, peak_mem_bytes=mem)
-            if "actor" in args.paths:
-                seconds, actor_px, errors, mem = time_actor(spec, rows, batch, device, dtype, args.repeats)
-                _free(device)
-                got["actor"] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors))
-                if errors:
-                    print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
-                if "plain" in args.paths:
-                    got["actor"]["pixels_max_diff"] = max_pixel_diff(plain_px, actor_px)
-                    got["actor"]["pixels_compared"] = len(plain_px)
-            if "ray" in args.paths:
-                runs = [time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models)
-                        for _ in range(args.repeats)]
-                ray = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
-                got["ray"] = dict(seconds=ray["seconds"], peak_mem_bytes=ray["peak"], errors=len(ray["errors"]),
-                                  startup_s=ray["startup_s"], steady_images_per_s=n / ray["steady_seconds"])
+                got["plain", None] = dict(seconds=seconds, peak_mem_bytes=mem)
+            for batching in args.batching:
                 if "actor" in args.paths:
-                    got["ray"]["pixels_max_diff"] = max_pixel_diff(actor_px, ray["pixels"])
-                    got["ray"]["pixels_compared"] = len(ray["pixels"])
-            for path, g in got.items():
+                    seconds, actor_px, errors, mem = time_actor(spec, rows, batch, device, dtype, args.repeats, batching)
+                    _free(device)
+                    g = got["actor", batching] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors))
+                    if errors:
+                        print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
+                    if "plain" in args.paths:
+                        g["pixels_max_diff"] = max_pixel_diff(plain_px, actor_px)
+                        g["pixels_compared"] = len(plain_px)
+                if "ray" in args.paths:
+                    runs = [time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models,
+                                         batching) for _ in range(args.repeats)]
+                    ray = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
+                    g = got["ray", batching] = dict(seconds=ray["seconds"], peak_mem_bytes=ray["peak"],
+                                                    errors=len(ray["errors"]), startup_s=ray["startup_s"],
+                                                    steady_images_per_s=n / ray["steady_seconds"])
+                    if "actor" in args.paths:
+                        g["pixels_max_diff"] = max_pixel_diff(actor_px, ray["pixels"])
+                        g["pixels_compared"] = len(ray["pixels"])
+            for (path, batching), g in got.items():
                 ips = n / g["seconds"]
-                rec = dict(base, path=path, seconds=g["seconds"], images_per_s=ips, s_per_image=g["seconds"] / n,
-                           achieved_tflops=ips * flops / 1e12,
+                rec = dict(base, path=path, batching=batching, seconds=g["seconds"], images_per_s=ips,
+                           s_per_image=g["seconds"] / n, achieved_tflops=ips * flops / 1e12,
                            mfu=(ips * flops / 1e12 / peak) if peak else None,
                            peak_mem_bytes=g.get("peak_mem_bytes"), errors=g.get("errors", 0),
                            pixels_max_diff=g.get("pixels_max_diff"), pixels_compared=g.get("pixels_compared"),
                            startup_s=g.get("startup_s"), steady_images_per_s=g.get("steady_images_per_s"))
-                if "plain" in got:
-                    rec["vs_plain"] = ips / (n / got["plain"]["seconds"])
-                if path == "ray" and "actor" in got:
-                    actor_ips = n / got["actor"]["seconds"]
+                if ("plain", None) in got:
+                    rec["vs_plain"] = ips / (n / got["plain", None]["seconds"])
+                if path == "ray" and ("actor", batching) in got:
+                    actor_ips = n / got["actor", batching]["seconds"]
                     rec["ray_overhead_ratio"] = ips / actor_ips
                     rec["ray_steady_ratio"] = g["steady_images_per_s"] / actor_ips
                 d = rec.get("pixels_max_diff")
@@ -575,6 +623,19 @@ def _bytes(v) -> str:
     return f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.0f} MiB"
 
 
+def _configuration(r: dict) -> str:
+    if r.get("sweep") == "mixed":
+        steps = sorted({max(1, round(r["steps"] * f)) for f in MIXED_STEP_FRACTIONS})
+        return (f"{r['height']}x{r['width']}, mixed sweep of {r['rows']} rows: "
+                f"{' / '.join(MIXED_SCHEDULERS['eps'])} x {steps} steps x CFG {sorted({1.0, 4.0, r['guidance']})} "
+                f"(FLOPs averaged over the rows)")
+    return f"{r['height']}x{r['width']}, {r['steps']} {r['scheduler']} steps, CFG {r['guidance']:g}"
+
+
+def _label(r: dict) -> str:
+    return PATH_LABEL[r["path"]] + (" (continuous batching)" if r.get("batching") == "continuous" else "")
+
+
 def markdown(records: list[dict], env: dict) -> str:
     lines = [f"# Throughput benchmark ({env['run_id']})", "",
              f"Machine: {env['device_name']} ({env['device']}), host {env['host']}; torch {env['torch_version']}, "
@@ -591,7 +652,7 @@ def markdown(records: list[dict], env: dict) -> str:
     for model, recs in by_model.items():
         r0 = recs[0]
         lines += [f"## {model} ({r0['weights']} weights, {r0['pipeline']})", "",
-                  f"{r0['height']}x{r0['width']}, {r0['steps']} {r0['scheduler']} steps, CFG {r0['guidance']:g}, "
+                  f"{_configuration(r0)}, "
                   f"{r0['dtype']}. FLOPs per image {r0['flops_per_image'] / 1e12:.4g} TFLOP (UNet step "
                   f"{r0['unet_step_flops'] / 1e12:.4g}, VAE decode {r0['vae_decode_flops'] / 1e12:.4g}, text "
                   f"{r0['text_flops'] / 1e12:.4g}); peak {_fmt(r0['peak_tflops'], '.4g')} TFLOP/s "
@@ -599,7 +660,7 @@ def markdown(records: list[dict], env: dict) -> str:
                   "", "| path | batch | images/s | s/image | MFU | peak mem | vs plain diffusers |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in recs:
-            lines.append(f"| {PATH_LABEL[r['path']]} | {r['batch_size']} | {r['images_per_s']:.3g} | "
+            lines.append(f"| {_label(r)} | {r['batch_size']} | {r['images_per_s']:.3g} | "
                          f"{r['s_per_image']:.3g} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
                          f"{_bytes(r['peak_mem_bytes'])} | {_fmt(r.get('vs_plain'), '.2f', '-')}x |"
                          .replace("| n/a% |", "| n/a |"))
@@ -611,7 +672,7 @@ def markdown(records: list[dict], env: dict) -> str:
                              f"{r['ray_steady_ratio']:.3f} after start-up.")
             if r.get("pixels_match") is not None:
                 other = "plain diffusers" if r["path"] == "actor" else "the actor"
-                lines.append(f"- batch {r['batch_size']}: {PATH_LABEL[r['path']]} vs {other}: max pixel difference "
+                lines.append(f"- batch {r['batch_size']}: {_label(r)} vs {other}: max pixel difference "
                              f"{_fmt(r['pixels_max_diff'], 'd')}/255 over {r['pixels_compared']} images -> "
                              f"{'same pixels' if r['pixels_match'] else 'MISMATCH'}"
                              + (f" ({r['errors']} error rows)" if r["errors"] else "") + ".")
@@ -621,7 +682,7 @@ def markdown(records: list[dict], env: dict) -> str:
         lines += ["## Against history", ""]
         for r in records:
             if r.get("baseline_images_per_s") is not None:
-                lines.append(f"- {r['model']} {PATH_LABEL[r['path']]} batch {r['batch_size']}: {r['images_per_s']:.3g} "
+                lines.append(f"- {r['model']} {_label(r)} batch {r['batch_size']}: {r['images_per_s']:.3g} "
                              f"images/s vs median {r['baseline_images_per_s']:.3g} of {r['baseline_runs']} runs"
                              + (" -> REGRESSION" if r.get("regression") else ""))
         lines += ["", f"Verdict: {'REGRESSION' if regressions else 'ok'}.", ""]
@@ -649,6 +710,11 @@ def apply_history(records: list[dict], path: str, tolerance: float, window: int)
     same key, mark it, append all records to the history file. True if any regressed."""
     hist_path = Path(path)
     history = pd.read_parquet(hist_path) if hist_path.exists() else pd.DataFrame()
+    if not history.empty:  # histories from before a key column existed ran its default
+        if "sweep" not in history:
+            history["sweep"] = "single"
+        if "batching" not in history and "path" in history:
+            history["batching"] = np.where(history.path == "plain", None, "config")
     regressed = False
     for rec in records:
         rec["baseline_images_per_s"], rec["baseline_runs"], rec["regression"] = None, 0, False
@@ -656,7 +722,8 @@ def apply_history(records: list[dict], path: str, tolerance: float, window: int)
             continue
         mask = np.ones(len(history), dtype=bool)
         for k in HISTORY_KEY:
-            mask &= (history[k] == rec[k]).to_numpy()
+            col, want = history[k], rec.get(k)
+            mask &= (col.isna() if want is None else col == want).to_numpy()
         prev = history[mask & (history.run_id != rec["run_id"]).to_numpy()]
         if prev.empty:
             continue

@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model for rows without one (default: embedded)")
     p.add_argument("--models", default=None, metavar="FILE", help="YAML file of extra models (name -> source, defaults)")
     p.add_argument("--batch-size", type=int, default=8, help="images per diffusers call (default 8)")
+    p.add_argument("--batching", default="config", choices=["config", "continuous"],
+                   help="config: one diffusers call per (scheduler, steps, guidance, size) group (default); "
+                        "continuous: rows of different scheduler/steps/guidance share UNet calls and a finished "
+                        "row's slot goes to the next row (Stable Diffusion 1.x/2.x-type pipelines; others use config)")
     p.add_argument("--pool-size", type=int, default=None, help="generation actors (default: one per GPU, 1 on CPU)")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs Ray reserves per actor (default 1)")
@@ -71,15 +75,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+CALL_ROWS_CONTINUOUS = 4  # rows per actor call = this x --batch-size with --batching continuous
+
+
 class GenerateActor:
     """Holds loaded pipelines (a small LRU cache) and turns manifest rows into pixels."""
 
-    def __init__(self, specs: dict, dtype: str, batch_size: int, torch_threads: int | None, cache_size: int = 2):
+    def __init__(self, specs: dict, dtype: str, batch_size: int, torch_threads: int | None, cache_size: int = 2,
+                 batching: str = "config"):
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.specs, self.dtype, self.batch_size, self.cache_size = specs, dtype, batch_size, cache_size
+        self.batching = batching
+        self.text_caches: dict = {}  # model name -> prompt embeddings (continuous batching)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -95,7 +105,8 @@ class GenerateActor:
             self.models.move_to_end(name)
             return self.models[name]
         while len(self.models) >= self.cache_size:
-            self.models.popitem(last=False)
+            evicted, _ = self.models.popitem(last=False)
+            self.text_caches.pop(evicted, None)
         from pipelines.generate import warm_up
 
         model = load_model(self.specs[name], self.device, self.dtype)
@@ -103,15 +114,22 @@ class GenerateActor:
         self.models[name] = model
         return model
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def _generate(self, name: str, model, rows: list[dict]):
+        if self.batching == "continuous":
+            from pipelines.continuous import TextCache, generate_mixed
+
+            return generate_mixed(model, rows, self.batch_size, self.text_caches.setdefault(name, TextCache()))
         from pipelines.generate import generate
 
+        return generate(model, rows, self.batch_size)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
         for name, part in batch.groupby("model", sort=False):
             model = self._model(name)
             rows = part.to_dict("records")
             now = dt.datetime.now(dt.timezone.utc)  # batch start: jobs/benchmark.py measures start-up from it
-            for res in generate(model, rows, self.batch_size):
+            for res in self._generate(name, model, rows):
                 out.append({
                     "sample_id": res.sample_id,
                     "pixels": None if res.pixels is None else res.pixels.tobytes(),
@@ -201,15 +219,19 @@ def run(args) -> int:
     specs = {name: registry.get(name) for name in set(todo.column("model").to_pylist())}
     this_run.update(pool_size=pool, num_gpus_per_actor=num_gpus, ray_version=ray.__version__)
 
-    # One block per actor call: small blocks spread work evenly over the pool.
+    # One block per actor call: small blocks spread work evenly over the pool. Continuous
+    # batching gets CALL_ROWS_CONTINUOUS batches' worth per call, so its slots stay full
+    # (they drain only at the end of each call).
     rows = todo.select(MANIFEST_COLUMNS)
-    blocks = [rows.slice(i, args.batch_size).to_pandas() for i in range(0, rows.num_rows, args.batch_size)]
+    call_rows = args.batch_size * (CALL_ROWS_CONTINUOUS if args.batching == "continuous" else 1)
+    blocks = [rows.slice(i, call_rows).to_pandas() for i in range(0, rows.num_rows, call_rows)]
     ds = (
         ray.data.from_pandas(blocks)
         .map_batches(
             GenerateActor,
-            fn_constructor_kwargs=dict(specs=specs, dtype=args.dtype, batch_size=args.batch_size, torch_threads=threads),
-            batch_size=args.batch_size,
+            fn_constructor_kwargs=dict(specs=specs, dtype=args.dtype, batch_size=args.batch_size, torch_threads=threads,
+                                       batching=args.batching),
+            batch_size=call_rows,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_gpus=num_gpus,

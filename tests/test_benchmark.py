@@ -111,8 +111,8 @@ def test_history_flags_a_regression_with_exit_3(suite, tmp_path):
 
 def test_history_median_over_window(tmp_path):
     """No regression against slower runs; the median is over the last `window` runs of the same key."""
-    key = dict(suite="throughput", model="m", device_name="cpu x2", batch_size=4, path="actor", dtype="float32",
-               steps=2, height=32, width=32)
+    key = dict(suite="throughput", sweep="single", model="m", device_name="cpu x2", batch_size=4, path="actor",
+               batching="config", dtype="float32", steps=2, height=32, width=32)
     old = [dict(key, run_id=f"r{i}", created_at=f"2020-01-0{i + 1}", images_per_s=ips)
            for i, ips in enumerate([100.0, 1.0, 2.0, 3.0])]
     other = dict(key, batch_size=8, run_id="r9", created_at="2020-01-09", images_per_s=1000.0)
@@ -132,6 +132,25 @@ def test_bad_flags_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.main(["--paths", "plain,gpu"])
     assert e.value.code == 2
+
+
+def test_mixed_sweep_with_both_batchings(tmp_path):
+    """36 configurations; plain diffusers loops over them, the actor runs them grouped and
+    continuously batched, and all three give the same pixels."""
+    assert benchmark.main(["--model", "tiny-random", "--sweep", "mixed", "--steps", "3", "--rows", "36",
+                           "--batch-sizes", "4", "--paths", "plain,actor", "--batching", "config,continuous",
+                           "--out", str(tmp_path)]) == 0
+    recs = pd.DataFrame(json.loads((tmp_path / "throughput.json").read_text())["records"])
+    assert sorted(zip(recs.path, recs.batching.fillna("-"))) == [("actor", "config"), ("actor", "continuous"),
+                                                                ("plain", "-")]
+    assert (recs.sweep == "mixed").all() and (recs.scheduler == "mixed").all() and (recs.steps == 3).all()
+    actors = recs[recs.path == "actor"]
+    assert actors.pixels_match.all() and (actors.errors == 0).all()
+    # guidance 1 rows skip the unconditional pass, so the average is below a CFG row's FLOPs
+    assert recs.flops_per_image.iloc[0] < 3 * recs.unet_step_flops.iloc[0] + recs.vae_decode_flops.iloc[0] + \
+        recs.text_flops.iloc[0]
+    md = (tmp_path / "throughput.md").read_text()
+    assert "mixed sweep of 36 rows" in md and "diffsweep actor (continuous batching) | 4 |" in md
 
 
 @pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").is_file(), reason="embedded model not built yet")

@@ -80,6 +80,19 @@ def test_same_pixels_through_a_pool_of_two_actors(sweep, tmp_path):
         assert diff <= 1, (sid, diff)
 
 
+def test_continuous_batching_gives_the_same_images(sweep, tmp_path):
+    manifest, _, df = sweep
+    out = tmp_path / "continuous"
+    assert gen_job.main([str(manifest), "--out", str(out), "--batch-size", "6", "--batching", "continuous",
+                         "--no-progress"]) == 0
+    again = pd.read_parquet(out).set_index("sample_id")
+    assert len(again) == 48 and (again.status == "ok").all()
+    for sid, png in zip(df.sample_id, df.image):
+        diff = np.abs(decode(png).astype(int) - decode(again.loc[sid, "image"]).astype(int)).max()
+        assert diff <= 1, (sid, diff)
+    assert json.loads((out / "_run.json").read_text())["options"]["batching"] == "continuous"
+
+
 def test_resume_skips_finished_rows_and_refuses_a_different_manifest(sweep, tmp_path):
     manifest, _, full = sweep
     out = tmp_path / "resume"
