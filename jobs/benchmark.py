@@ -62,8 +62,8 @@ EXIT_REGRESSION = 3
 EXIT_PIXELS = 4
 PATHS = ("plain", "actor", "ray")
 PATH_LABEL = {"plain": "plain diffusers", "actor": "diffsweep actor", "ray": "diffsweep Ray job"}
-HISTORY_KEY = ["suite", "sweep", "model", "device_name", "batch_size", "path", "batching", "dtype", "steps", "height",
-               "width"]
+HISTORY_KEY = ["suite", "sweep", "model", "device_name", "batch_size", "path", "batching", "compile", "channels_last",
+               "dtype", "steps", "height", "width"]
 MIXED_SCHEDULERS = {"eps": ("ddim", "euler_a", "dpmpp_2m", "unipc"), "flow": ("flow_match_euler", "flow_match_heun")}
 MIXED_STEP_FRACTIONS = (0.4, 0.7, 1.0)  # of the model's (or --steps) step count
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name; anything else: --peak-tflops.
@@ -89,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="auto: the model's half type on GPU, float32 on CPU")
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of plain,actor,ray (default all)")
+    p.add_argument("--channels-last", action="store_true", help="as jobs/generate.py: for the actor and Ray paths")
+    p.add_argument("--compile", default="none", metavar="MODE",
+                   help="as jobs/generate.py: torch.compile mode for the actor and Ray paths (default none); "
+                        "the compile is paid in the warm-up and reported as warmup_s")
     p.add_argument("--sweep", default="single", choices=["single", "mixed"],
                    help="single: every row one configuration (default); mixed: 4 schedulers x 3 step counts x "
                         "3 guidance scales (1, 4, the model's), --rows spread over the 36 configurations")
@@ -111,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batching = [s.strip() for s in args.batching.split(",") if s.strip()]
     if not args.batching or not set(args.batching) <= {"config", "continuous"}:
         p.error(f"--batching: got {args.batching}; expected a comma list of config, continuous")
+    from pipelines.speed import COMPILE_MODES
+
+    if args.compile not in COMPILE_MODES:
+        p.error(f"--compile {args.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
     bad = [s for s in args.paths if s not in PATHS]
     if bad or not args.paths:
         p.error(f"--paths: got {bad or args.paths}; expected a comma list of {', '.join(PATHS)}")
@@ -390,14 +398,19 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
 
 
 def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1,
-               batching: str = "config"):
-    """GenerateActor in this process, on pandas batches of the rows Ray would feed it."""
+               batching: str = "config", speed: dict | None = None):
+    """GenerateActor in this process, on pandas batches of the rows Ray would feed it.
+    Returns (median pass seconds, pixels by sample_id, error messages, peak bytes, warm-up
+    seconds: model load, the actor's own warm-up (compile, if on) and one batch)."""
     from jobs.generate import CALL_ROWS_CONTINUOUS, GenerateActor
 
     actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None,
-                          batching=batching)
+                          batching=batching, speed=speed)
     call_rows = batch * (CALL_ROWS_CONTINUOUS if batching == "continuous" else 1)  # as jobs/generate.py
+    t0 = time.perf_counter()
     actor(rows.iloc[:batch])  # warm-up (and model load)
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
     passes = []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
@@ -411,11 +424,11 @@ def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     pixels = {sid: (None if raw is None else np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3))
               for sid, raw, h, w in zip(out.sample_id, out.pixels, out.height, out.width)}
     errors = out.error[out.status != "ok"].tolist()
-    return seconds, pixels, errors, mem.peak
+    return seconds, pixels, errors, mem.peak, warmup_s
 
 
 def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, work: Path, models_file,
-                 batching: str = "config"):
+                 batching: str = "config", speed_flags: tuple = ()):
     """jobs/generate.py's main() on a manifest of `rows`, from submit to the last row committed."""
     import yaml
     from PIL import Image
@@ -427,7 +440,7 @@ def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, 
     manifest, results = work / "manifest.parquet", work / "results"
     rows.to_parquet(manifest, index=False)
     argv = [str(manifest), "--out", str(results), "--batch-size", str(batch), "--dtype", dtype,
-            "--batching", batching, "--overwrite", "--no-progress"]
+            "--batching", batching, *speed_flags, "--overwrite", "--no-progress"]
     registered = ModelRegistry.with_user_file(models_file).specs.get(spec.name)
     if spec != registered:  # a random-weight build: tell the job where it is, as a user would
         models_file = work / "models.yaml"
@@ -482,6 +495,8 @@ def run_throughput(args) -> tuple[list[dict], dict]:
         make_rows(spec, args, 1)  # bad flags (scheduler, size, steps) fail here, before Ray starts
     if "ray" in args.paths:
         _init_ray()
+    speed = dict(channels_last=args.channels_last, compile=args.compile)
+    speed_flags = (("--channels-last",) if args.channels_last else ()) + ("--compile", args.compile)
     records = []
     for name, (spec, weights, arch) in models.items():
         dtype = resolve_dtype(spec, device, args.dtype)
@@ -521,9 +536,11 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                 got["plain", None] = dict(seconds=seconds, peak_mem_bytes=mem)
             for batching in args.batching:
                 if "actor" in args.paths:
-                    seconds, actor_px, errors, mem = time_actor(spec, rows, batch, device, dtype, args.repeats, batching)
+                    seconds, actor_px, errors, mem, warmup_s = time_actor(spec, rows, batch, device, dtype, args.repeats,
+                                                                          batching, speed)
                     _free(device)
-                    g = got["actor", batching] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors))
+                    g = got["actor", batching] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors),
+                                                      warmup_s=warmup_s)
                     if errors:
                         print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
                     if "plain" in args.paths:
@@ -531,7 +548,7 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                         g["pixels_compared"] = len(plain_px)
                 if "ray" in args.paths:
                     runs = [time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models,
-                                         batching) for _ in range(args.repeats)]
+                                         batching, speed_flags) for _ in range(args.repeats)]
                     ray = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
                     g = got["ray", batching] = dict(seconds=ray["seconds"], peak_mem_bytes=ray["peak"],
                                                     errors=len(ray["errors"]), startup_s=ray["startup_s"],
@@ -546,7 +563,8 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                            mfu=(ips * flops / 1e12 / peak) if peak else None,
                            peak_mem_bytes=g.get("peak_mem_bytes"), errors=g.get("errors", 0),
                            pixels_max_diff=g.get("pixels_max_diff"), pixels_compared=g.get("pixels_compared"),
-                           startup_s=g.get("startup_s"), steady_images_per_s=g.get("steady_images_per_s"))
+                           startup_s=g.get("startup_s"), steady_images_per_s=g.get("steady_images_per_s"),
+                           warmup_s=g.get("warmup_s"), **(speed if path != "plain" else {}))
                 if ("plain", None) in got:
                     rec["vs_plain"] = ips / (n / got["plain", None]["seconds"])
                 if path == "ray" and ("actor", batching) in got:
@@ -633,7 +651,11 @@ def _configuration(r: dict) -> str:
 
 
 def _label(r: dict) -> str:
-    return PATH_LABEL[r["path"]] + (" (continuous batching)" if r.get("batching") == "continuous" else "")
+    options = [("continuous batching" if r.get("batching") == "continuous" else None),
+               (f"compile {r['compile']}" if r.get("compile") not in (None, "none") else None),
+               ("channels_last" if r.get("channels_last") else None)]
+    options = [o for o in options if o]
+    return PATH_LABEL[r["path"]] + (f" ({', '.join(options)})" if options else "")
 
 
 def markdown(records: list[dict], env: dict) -> str:
@@ -670,6 +692,9 @@ def markdown(records: list[dict], env: dict) -> str:
                 lines.append(f"- batch {r['batch_size']}: Ray job / actor loop = {r['ray_overhead_ratio']:.3f} end to "
                              f"end ({r['rows']} rows, {r['startup_s']:.1f} s from submit to the first batch), "
                              f"{r['ray_steady_ratio']:.3f} after start-up.")
+            if r.get("warmup_s") is not None:
+                lines.append(f"- batch {r['batch_size']}: {_label(r)} warm-up (model load, its warm-up call and "
+                             f"compile if on, one batch) {r['warmup_s']:.1f} s, outside the timed passes.")
             if r.get("pixels_match") is not None:
                 other = "plain diffusers" if r["path"] == "actor" else "the actor"
                 lines.append(f"- batch {r['batch_size']}: {_label(r)} vs {other}: max pixel difference "
@@ -689,7 +714,7 @@ def markdown(records: list[dict], env: dict) -> str:
     return "\n".join(lines)
 
 
-_NUMERIC = ["seconds", "images_per_s", "s_per_image", "achieved_tflops", "mfu", "peak_mem_bytes", "peak_tflops",
+_NUMERIC = ["seconds", "warmup_s", "images_per_s", "s_per_image", "achieved_tflops", "mfu", "peak_mem_bytes", "peak_tflops",
             "flops_per_image", "vs_plain", "ray_overhead_ratio", "ray_steady_ratio", "startup_s",
             "steady_images_per_s", "pixels_max_diff", "pixels_compared", "baseline_images_per_s", "baseline_runs"]
 
@@ -713,8 +738,9 @@ def apply_history(records: list[dict], path: str, tolerance: float, window: int)
     if not history.empty:  # histories from before a key column existed ran its default
         if "sweep" not in history:
             history["sweep"] = "single"
-        if "batching" not in history and "path" in history:
-            history["batching"] = np.where(history.path == "plain", None, "config")
+        for col, default in (("batching", "config"), ("compile", "none"), ("channels_last", False)):
+            if col not in history and "path" in history:
+                history[col] = pd.Series(np.where(history.path == "plain", None, default), dtype=object)
     regressed = False
     for rec in records:
         rec["baseline_images_per_s"], rec["baseline_runs"], rec["regression"] = None, 0, False

@@ -34,6 +34,7 @@ from pipelines.errors import InputError  # noqa: E402
 from pipelines.manifest import read_manifest  # noqa: E402
 from pipelines.models import ModelRegistry, check_available  # noqa: E402
 from pipelines.results import ResultStore, new_run_id  # noqa: E402
+from pipelines.speed import COMPILE_MODES, SpeedOptions, apply_speed_options  # noqa: E402
 from pipelines.schema import MANIFEST_COLUMNS, RESULT_SCHEMA, manifest_digest, order_by_run_key, validate_manifest  # noqa: E402
 
 # What travels from the actors to the driver: the id plus the result columns (raw pixels
@@ -52,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="config: one diffusers call per (scheduler, steps, guidance, size) group (default); "
                         "continuous: rows of different scheduler/steps/guidance share UNet calls and a finished "
                         "row's slot goes to the next row (Stable Diffusion 1.x/2.x-type pipelines; others use config)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory layout for UNet and VAE (speed only; pixels equal within float tolerance)")
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile UNet and VAE decoder with this mode (" + ", ".join(COMPILE_MODES)
+                        + "; default none); the warm-up pays the compile once per actor and model")
     p.add_argument("--pool-size", type=int, default=None, help="generation actors (default: one per GPU, 1 on CPU)")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs Ray reserves per actor (default 1)")
@@ -78,17 +84,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 CALL_ROWS_CONTINUOUS = 4  # rows per actor call = this x --batch-size with --batching continuous
 
 
+def speed_options(args) -> SpeedOptions:
+    return SpeedOptions(channels_last=args.channels_last, compile=args.compile)
+
+
 class GenerateActor:
     """Holds loaded pipelines (a small LRU cache) and turns manifest rows into pixels."""
 
     def __init__(self, specs: dict, dtype: str, batch_size: int, torch_threads: int | None, cache_size: int = 2,
-                 batching: str = "config"):
+                 batching: str = "config", speed: dict | None = None):
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.specs, self.dtype, self.batch_size, self.cache_size = specs, dtype, batch_size, cache_size
         self.batching = batching
+        self.speed = SpeedOptions(**(speed or {}))
         self.text_caches: dict = {}  # model name -> prompt embeddings (continuous batching)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
@@ -110,7 +121,10 @@ class GenerateActor:
         from pipelines.generate import warm_up
 
         model = load_model(self.specs[name], self.device, self.dtype)
-        warm_up(model)
+        apply_speed_options(model.pipe, self.speed)
+        t0 = time.perf_counter()
+        warm_up(model)  # pays torch.compile, if on
+        model.extras["warmup_seconds"] = time.perf_counter() - t0
         self.models[name] = model
         return model
 
@@ -230,7 +244,7 @@ def run(args) -> int:
         .map_batches(
             GenerateActor,
             fn_constructor_kwargs=dict(specs=specs, dtype=args.dtype, batch_size=args.batch_size, torch_threads=threads,
-                                       batching=args.batching),
+                                       batching=args.batching, speed=speed_options(args).as_dict()),
             batch_size=call_rows,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=pool),

@@ -54,6 +54,9 @@ class TextCache:
     def __len__(self) -> int:
         return len(self._states)
 
+    def __contains__(self, text: str) -> bool:
+        return text in self._states
+
     def get(self, pipe, texts: list[str], device) -> list[torch.Tensor]:
         """(1, tokens, dim) states for each text; the missing ones are encoded in one call."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._states))
@@ -169,7 +172,7 @@ def _start(model: LoadedModel, indexed_rows, text_cache: TextCache, device, stat
     texts = []
     for _, row in indexed_rows:
         texts += [row["prompt"], row.get("negative_prompt") or ""]
-    hits = sum(t in text_cache._states for t in set(texts))
+    hits = sum(t in text_cache for t in set(texts))
     states = text_cache.get(pipe, texts, device)
     stats.text_cache_hits += hits
     stats.text_cache_misses += len(set(texts)) - hits

@@ -1,0 +1,58 @@
+"""Speed options keep the pixels: channels_last and torch.compile on the tiny pipeline."""
+
+import copy
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.continuous import generate_continuous
+from pipelines.generate import generate
+from pipelines.models import ModelRegistry
+from pipelines.schema import validate_manifest
+from pipelines.speed import SpeedOptions, apply_speed_options, compiled_graphs
+
+REG = ModelRegistry()
+
+
+def rows_for(**cols):
+    return validate_manifest(pa.table(cols), REG, default_model="tiny-random").to_pylist()
+
+
+def max_diff(a, b):
+    return max(int(np.abs(x.pixels.astype(int) - y.pixels.astype(int)).max()) for x, y in zip(a, b))
+
+
+def copy_with(model, options):
+    fast = copy.copy(model)
+    fast.pipe = apply_speed_options(copy.deepcopy(model.pipe), options)
+    return fast
+
+
+ROWS = dict(prompt=["a red circle", "a blue square"], seed=[3, 4], steps=[3, 3])
+
+
+def test_unknown_compile_mode_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: none, default"):
+        SpeedOptions(compile="fastest")
+
+
+def test_channels_last_keeps_pixels(tiny_model):
+    rows = rows_for(**ROWS, scheduler=["ddim", "ddim"], guidance=[7.5, 7.5])
+    fast = copy_with(tiny_model, SpeedOptions(channels_last=True))
+    assert max_diff(generate(fast, rows), generate(tiny_model, rows)) <= 1
+
+
+def test_compile_keeps_pixels_and_does_not_recompile_per_configuration(tiny_model):
+    fast = copy_with(tiny_model, SpeedOptions(compile="default"))
+    warm = rows_for(**ROWS, scheduler=["ddim", "euler"], guidance=[7.5, 1.0])  # int and float timesteps, CFG and not
+    generate(fast, warm, max_batch_size=1)
+    graphs = compiled_graphs()
+    rows = rows_for(prompt=["a green triangle", "x"], seed=[5, 6], steps=[4, 2], scheduler=["dpmpp_2m", "lms"],
+                    guidance=[3.0, 1.0])
+    got = generate(fast, rows, max_batch_size=1)
+    assert compiled_graphs() == graphs  # new schedulers, step counts and scales: values, not shapes
+    assert max_diff(got, generate(tiny_model, rows, max_batch_size=1)) <= 1
+    # continuous batching on the compiled model: per-row timesteps, varying batch sizes
+    assert max_diff(generate_continuous(fast, rows + warm, max_batch_size=3),
+                    generate(tiny_model, rows + warm)) <= 1
