@@ -15,6 +15,7 @@ directory, or open_clip with a local checkpoint), `embedded` (the shipped domain
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,22 @@ def _projected(out) -> torch.Tensor:
     raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")
 
 
+def _clip_crop_size(path: Path) -> int | None:
+    """The processor's crop height from processor_config.json (transformers 5) or
+    preprocessor_config.json (transformers 4); None if neither gives one."""
+    for name, section in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        file = path / name
+        if file.is_file():
+            doc = json.loads(file.read_text())
+            doc = doc.get(section, {}) if section else doc
+            crop = doc.get("crop_size")
+            if isinstance(crop, dict):
+                crop = crop.get("height")
+            if crop:
+                return int(crop)
+    return None
+
+
 class HFCLIPExtractor(FeatureExtractor):
     """A transformers CLIPModel directory (config + safetensors + processor/tokenizer files).
     Image and text embeddings are the projection-head outputs (`dim` = projection_dim), not
@@ -157,21 +174,34 @@ class HFCLIPExtractor(FeatureExtractor):
 
     def __init__(self, path: str | os.PathLike, name: str = "clip", batch_size: int = 64, device=None):
         super().__init__(batch_size, device)
-        from transformers import CLIPModel, CLIPProcessor
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a transformers CLIP directory (no config.json)")
         self.path = path
         self.name = name
-        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(path)
-        self.dim = int(self.model.config.projection_dim)
-        # crop_size is a dict in transformers 4 and a SizeDict in 5: read `height` either way.
-        crop = getattr(self.processor.image_processor, "crop_size", None)
-        size = crop.get("height") if hasattr(crop, "get") else getattr(crop, "height", crop)
-        self.image_size = int(size or self.model.config.vision_config.image_size)
-        self.max_text_length = int(self.model.config.text_config.max_position_embeddings)
+        # What describe() needs comes from the JSON files; the model (and transformers, a few
+        # seconds to import) loads on first use, so re-evaluating cached features skips it.
+        config = json.loads((path / "config.json").read_text())
+        self.dim = int(config.get("projection_dim", 512))
+        self.max_text_length = int(config.get("text_config", {}).get("max_position_embeddings", 77))
+        self.image_size = _clip_crop_size(path) or int(config.get("vision_config", {}).get("image_size", 224))
+        self._model = self._processor = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import CLIPModel
+
+            self._model = CLIPModel.from_pretrained(self.path, use_safetensors=True).to(self.device).eval()
+        return self._model
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from transformers import CLIPProcessor
+
+            self._processor = CLIPProcessor.from_pretrained(self.path)
+        return self._processor
 
     def _embed_images(self, images):
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]

@@ -18,7 +18,9 @@ import argparse
 import datetime as dt
 import io
 import json
+import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -240,6 +242,24 @@ def reference_stats_for(source: str, extractor, cache_dir: Path):
     return stats, []
 
 
+def text_embeddings(extractor, prompts: list[str], cache_root: Path) -> dict[str, np.ndarray]:
+    """Prompt -> text embedding, cached beside the image features (one .npz per extractor),
+    so re-evaluating does not load the text tower again."""
+    path = cache_root / f"text-{cache_key(extractor.describe())}.npz"
+    known: dict[str, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            known = dict(zip(z["prompts"].tolist(), z["embeddings"]))
+    missing = [p for p in prompts if p not in known]
+    if missing:
+        known.update(zip(missing, extractor.embed_text(missing)))
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.npz")
+        np.savez(tmp, prompts=np.array(list(known), dtype=str), embeddings=np.stack(list(known.values())))
+        os.replace(tmp, path)
+    return {p: known[p] for p in prompts}
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -322,8 +342,7 @@ def evaluate(args) -> int:
     attr_all = attr_cache.load(ids)[:, 0] if attr_cache is not None else None
     text_all = None
     if clip_ex is not None:
-        prompts = sorted(set(ok.prompt))
-        text = dict(zip(prompts, clip_ex.embed_text(prompts)))
+        text = text_embeddings(clip_ex, sorted(set(ok.prompt)), cache_root)
         text_all = np.stack([text[p] for p in ok.prompt])
 
     rows = []

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import diffusers
-
 from pipelines.errors import InputError
 
 
@@ -77,6 +75,8 @@ def make_scheduler(name: str, base_config: dict, family: str = "eps", seeds: lis
     `seeds` (one per image) seed the Brownian-tree noise of SDE samplers that draw it
     from a tree instead of the per-row generators, so their noise is per-row too.
     """
+    import diffusers  # here, not at the top: validating manifests and evaluating need no diffusers
+
     spec = check_scheduler(name, family)
     cls = getattr(diffusers, spec.cls)
     overrides = dict(spec.overrides)

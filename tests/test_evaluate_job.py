@@ -1,11 +1,14 @@
 """jobs/evaluate.py end to end: tiny-random results, a tiny CLIP, a local Ray."""
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
 from jobs import evaluate as eval_job
 from jobs import generate as gen_job
-from tests.conftest import write_parquet
+from tests.conftest import ROOT, write_parquet
 from tests.test_features import make_tiny_clip_dir
 
 
@@ -73,3 +76,10 @@ def test_bad_input_exits_2_with_a_clear_message(evaluated, capsys, change, expec
 def test_not_a_results_directory(tmp_path, capsys):
     assert eval_job.main([str(tmp_path), "--reference", "x.npz"]) == 2
     assert "not a results directory" in capsys.readouterr().err
+
+
+def test_evaluation_imports_neither_diffusers_nor_ray_until_it_needs_ray():
+    """Re-evaluating cached features should cost seconds: the evaluate job's imports stay light."""
+    code = ("import sys, jobs.evaluate; bad = [m for m in ('diffusers', 'ray') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
