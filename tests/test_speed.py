@@ -1,6 +1,7 @@
 """Speed options keep the pixels: channels_last and torch.compile on the tiny pipeline."""
 
 import copy
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,8 @@ def test_channels_last_keeps_pixels(tiny_model):
     assert max_diff(generate(fast, rows), generate(tiny_model, rows)) <= 1
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile (inductor) needs a C++ compiler on CPU")
 def test_compile_keeps_pixels_and_does_not_recompile_per_configuration(tiny_model):
     fast = copy_with(tiny_model, SpeedOptions(compile="default"))
     warm = rows_for(**ROWS, scheduler=["ddim", "euler"], guidance=[7.5, 1.0])  # int and float timesteps, CFG and not
