@@ -64,7 +64,9 @@ def test_actor_killed_mid_job_is_replaced_and_every_row_finishes(tmp_path, ray_l
 
 
 def test_driver_killed_three_times_then_resumed_gives_each_row_once(tmp_path, ray_local):
-    path, rows = manifest(tmp_path, 40, steps=6)
+    # 40 steps: a batch takes a noticeable fraction of a second even on an idle machine, so a kill
+    # ~0.5 s after a shard lands mid-run (at 6 steps an idle CI run finished before the kill).
+    path, rows = manifest(tmp_path, 40, steps=40)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "jobs" / "generate.py"), str(path), "--out", str(out),
@@ -138,7 +140,7 @@ def test_pickled_weights_are_refused_before_any_worker_starts(tmp_path, broken_m
 
 
 def test_ctrl_c_commits_finished_rows_and_says_how_to_resume(tmp_path, ray_local):
-    path, rows = manifest(tmp_path, 40, steps=6)
+    path, rows = manifest(tmp_path, 40, steps=40)  # ~0.7 s a batch: 20 batches outlast the 15 s below
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "jobs" / "generate.py"), str(path), "--out", str(out),
