@@ -122,9 +122,7 @@ class GenerateActor:
 
         model = load_model(self.specs[name], self.device, self.dtype)
         apply_speed_options(model.pipe, self.speed)
-        t0 = time.perf_counter()
-        warm_up(model)  # pays torch.compile, if on
-        model.extras["warmup_seconds"] = time.perf_counter() - t0
+        warm_up(model)  # also pays torch.compile, if on
         self.models[name] = model
         return model
 

@@ -332,9 +332,11 @@ def train_unet(unet, vae, text_encoder, tokenizer, s: Settings, seed: int, devic
 # ---------------------------------------------------------------- assembly
 
 
-def strip_local_paths(directory: Path) -> None:
-    """Drop `_name_or_path` (the training machine's paths) from the saved configs: shipped
-    files should not depend on where they were trained."""
+def save(obj, directory: Path) -> None:
+    """save_pretrained as safetensors, then drop `_name_or_path` (the training machine's
+    paths, set when a stage resumed from files) from the configs: shipped files should not
+    depend on where they were trained."""
+    obj.save_pretrained(directory, safe_serialization=True)
     for config in Path(directory).rglob("config.json"):
         doc = json.loads(config.read_text())
         if doc.pop("_name_or_path", None) is not None:
@@ -388,19 +390,19 @@ def main(argv=None) -> Path:
         write_clip_tokenizer(clip_dir, domain.vocabulary(), model_max_length=TOKEN_LENGTH)
         tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
         clip = train_clip(build_clip(tokenizer), tokenizer, settings, args.seed, device)
-        clip.save_pretrained(clip_dir, safe_serialization=True)
+        save(clip, clip_dir)
         build_processor(tokenizer).save_pretrained(clip_dir)
         print(f"clip done at {time.time() - t0:.0f}s", flush=True)
 
     if "vae" in stages:
         vae = AutoencoderKL.from_pretrained(model_dir / "vae") if args.resume_vae else build_vae()
         def vae_checkpoint(vae, step):  # only meaningful when the latent space is fixed
-            vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+            save(vae, model_dir / "vae")
             print(f"checkpoint at vae step {step}, {time.time() - t0:.0f}s", flush=True)
 
         vae = train_vae(vae, settings, args.seed, device, decoder_only=args.vae_decoder_only,
                         checkpoint=vae_checkpoint if args.vae_decoder_only else None)
-        vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+        save(vae, model_dir / "vae")
         print(f"vae done at {time.time() - t0:.0f}s (scaling_factor={vae.config.scaling_factor:.4f})", flush=True)
     if "unet" not in stages:
         print(f"wrote {out} in {time.time() - t0:.0f}s", flush=True)
@@ -419,8 +421,7 @@ def main(argv=None) -> Path:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-        pipe.save_pretrained(model_dir, safe_serialization=True)
-        strip_local_paths(model_dir)
+        save(pipe, model_dir)
 
     unet = build_unet(settings.unet_channels)
     if args.resume_unet:

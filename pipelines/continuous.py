@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.generate import RowResult, _error, _free_memory, _sync, prompts_truncated
+from pipelines.generate import RowResult, _free_memory, _sync, image_result, prompts_truncated
 from pipelines.models import LoadedModel
 from pipelines.schedulers import make_scheduler
 from pipelines.seeding import row_generators
@@ -162,7 +162,7 @@ def generate_continuous(model: LoadedModel, rows: list[dict], max_batch_size: in
                 stats.decodes += 1
                 for r, image in zip(finished, images):
                     r.seconds += share
-                    results[r.index] = _result(r, image, max_batch_size, truncated[r.index])
+                    results[r.index] = image_result(r.row, image, r.seconds, max_batch_size, truncated[r.index])
     return [results[i] for i in range(len(rows))]
 
 
@@ -206,7 +206,7 @@ def _step_kwargs(scheduler, generator) -> dict:
 def _denoise_step(pipe, active: list[_Row], stats: ContinuousStats) -> None:
     """One UNet call over every active row's current timestep, then each row's scheduler step."""
     guided = [r for r in active if r.uncond is not None]
-    inputs, timesteps, states = [], [], []
+    inputs, timesteps = [], []
     for r in active + guided:  # conditional rows, then the unconditional twins of guided rows
         t = r.timesteps[r.done]
         inputs.append(r.scheduler.scale_model_input(r.latents, t))
@@ -231,13 +231,6 @@ def _decode(pipe, finished: list[_Row]) -> np.ndarray:
     latents = torch.cat([r.latents for r in finished])
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(finished))
-
-
-def _result(r: _Row, image: np.ndarray, batch_size: int, truncated: bool) -> RowResult:
-    if not np.isfinite(image).all():
-        return _error(r.row, "non-finite pixels in the decoded image (NaN/inf)", r.seconds, batch_size, truncated)
-    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return RowResult(r.row["sample_id"], pixels, "ok", None, r.seconds, batch_size, truncated)
 
 
 def generate_mixed(model: LoadedModel, rows: list[dict], max_batch_size: int = 8,

@@ -92,14 +92,19 @@ def run_batch(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
         images = pipe(**kwargs).images
     _sync(model.device)
     per_image = (time.perf_counter() - t0) / len(rows)
-    out = []
-    for row, img, trunc in zip(rows, images, truncated):
-        if not np.isfinite(img).all():
-            out.append(_error(row, "non-finite pixels in the decoded image (NaN/inf)", per_image, len(rows), trunc))
-            continue
-        pixels = (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        out.append(RowResult(row["sample_id"], pixels, "ok", None, per_image, len(rows), trunc))
-    return out
+    return [image_result(row, img, per_image, len(rows), trunc) for row, img, trunc in zip(rows, images, truncated)]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A decoded float image in [0, 1] -> uint8 pixels: clip, x255, round."""
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def image_result(row: dict, image: np.ndarray, seconds: float, batch_size: int, truncated: bool) -> RowResult:
+    """A decoded image -> an ok result, or an error result if any pixel is NaN/inf."""
+    if not np.isfinite(image).all():
+        return _error(row, "non-finite pixels in the decoded image (NaN/inf)", seconds, batch_size, truncated)
+    return RowResult(row["sample_id"], to_uint8(image), "ok", None, seconds, batch_size, truncated)
 
 
 def warm_up(model: LoadedModel) -> None:
