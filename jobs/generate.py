@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from pipelines.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
 from pipelines.manifest import read_manifest  # noqa: E402
 from pipelines.models import ModelRegistry, check_available  # noqa: E402
@@ -48,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="results directory (local path or object-store URI)")
     p.add_argument("--model", default=None, help="model for rows without one (default: embedded)")
     p.add_argument("--models", default=None, metavar="FILE", help="YAML file of extra models (name -> source, defaults)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per diffusers call (default 8)")
+    p.add_argument("--batch-size", type=_batch_size, default=8, metavar="N|auto",
+                   help="images per diffusers call (default 8); auto: fitted to the GPU's free memory per model and "
+                        "image size (8 on CPU). Any batch that runs out of memory is halved and retried")
     p.add_argument("--batching", default="config", choices=["config", "continuous"],
                    help="config: one diffusers call per (scheduler, steps, guidance, size) group (default); "
                         "continuous: rows of different scheduler/steps/guidance share UNet calls and a finished "
@@ -74,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N rows still to do (for a smoke run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for flag in ("batch_size", "shard_rows", "pool_size", "limit", "torch_threads"):
+    for flag in ("shard_rows", "pool_size", "limit", "torch_threads"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
@@ -84,6 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 CALL_ROWS_CONTINUOUS = 4  # rows per actor call = this x --batch-size with --batching continuous
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 or 'auto', got {n}")
+    return n
+
+
 def speed_options(args) -> SpeedOptions:
     return SpeedOptions(channels_last=args.channels_last, compile=args.compile)
 
@@ -91,7 +106,7 @@ def speed_options(args) -> SpeedOptions:
 class GenerateActor:
     """Holds loaded pipelines (a small LRU cache) and turns manifest rows into pixels."""
 
-    def __init__(self, specs: dict, dtype: str, batch_size: int, torch_threads: int | None, cache_size: int = 2,
+    def __init__(self, specs: dict, dtype: str, batch_size: int | None, torch_threads: int | None, cache_size: int = 2,
                  batching: str = "config", speed: dict | None = None):
         import torch
 
@@ -101,6 +116,7 @@ class GenerateActor:
         self.batching = batching
         self.speed = SpeedOptions(**(speed or {}))
         self.text_caches: dict = {}  # model name -> prompt embeddings (continuous batching)
+        self.batch_sizes: dict = {}  # model name -> BatchSizes (None: fitted to free memory)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -118,22 +134,24 @@ class GenerateActor:
         while len(self.models) >= self.cache_size:
             evicted, _ = self.models.popitem(last=False)
             self.text_caches.pop(evicted, None)
+            self.batch_sizes.pop(evicted, None)
         from pipelines.generate import warm_up
 
         model = load_model(self.specs[name], self.device, self.dtype)
         apply_speed_options(model.pipe, self.speed)
         warm_up(model)  # also pays torch.compile, if on
         self.models[name] = model
+        self.batch_sizes[name] = BatchSizes(model, self.batch_size)
         return model
 
     def _generate(self, name: str, model, rows: list[dict]):
         if self.batching == "continuous":
             from pipelines.continuous import TextCache, generate_mixed
 
-            return generate_mixed(model, rows, self.batch_size, self.text_caches.setdefault(name, TextCache()))
+            return generate_mixed(model, rows, self.batch_sizes[name], self.text_caches.setdefault(name, TextCache()))
         from pipelines.generate import generate
 
-        return generate(model, rows, self.batch_size)
+        return generate(model, rows, self.batch_sizes[name])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
@@ -235,13 +253,17 @@ def run(args) -> int:
     # batching gets CALL_ROWS_CONTINUOUS batches' worth per call, so its slots stay full
     # (they drain only at the end of each call).
     rows = todo.select(MANIFEST_COLUMNS)
-    call_rows = args.batch_size * (CALL_ROWS_CONTINUOUS if args.batching == "continuous" else 1)
+    batch_size = args.batch_size
+    if batch_size == "auto" and not num_gpus:
+        batch_size = CPU_BATCH_SIZE  # no device memory to fit to
+    actor_batch = None if batch_size == "auto" else batch_size  # None: each actor fits it per model and size
+    call_rows = (actor_batch or AUTO_CAP) * (CALL_ROWS_CONTINUOUS if args.batching == "continuous" else 1)
     blocks = [rows.slice(i, call_rows).to_pandas() for i in range(0, rows.num_rows, call_rows)]
     ds = (
         ray.data.from_pandas(blocks)
         .map_batches(
             GenerateActor,
-            fn_constructor_kwargs=dict(specs=specs, dtype=args.dtype, batch_size=args.batch_size, torch_threads=threads,
+            fn_constructor_kwargs=dict(specs=specs, dtype=args.dtype, batch_size=actor_batch, torch_threads=threads,
                                        batching=args.batching, speed=speed_options(args).as_dict()),
             batch_size=call_rows,
             batch_format="pandas",

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from pipelines.batch_size import BatchSizes
 from pipelines.generate import RowResult, _free_memory, _sync, image_result, prompts_truncated
 from pipelines.models import LoadedModel
 from pipelines.schedulers import make_scheduler
@@ -233,25 +234,32 @@ def _decode(pipe, finished: list[_Row]) -> np.ndarray:
     return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(finished))
 
 
-def generate_mixed(model: LoadedModel, rows: list[dict], max_batch_size: int = 8,
+def generate_mixed(model: LoadedModel, rows: list[dict], batch_sizes: BatchSizes | int = 8,
                    text_cache: TextCache | None = None, stats: ContinuousStats | None = None) -> list[RowResult]:
-    """Continuous batching per image size, falling back to the grouped path where it cannot
-    run: unsupported pipelines, and any failure (out of memory, a row that raises), which
-    the grouped path isolates row by row and halves batches for."""
+    """Continuous batching per image size (with that size's batch size as the slot count),
+    falling back to the grouped path where it cannot run: unsupported pipelines, and any
+    failure (out of memory, a row that raises), which the grouped path isolates row by row
+    and halves batches for."""
     from pipelines.generate import generate
 
+    sizes = batch_sizes if isinstance(batch_sizes, BatchSizes) else BatchSizes(model, batch_sizes)
     if not supports_continuous(model):
-        return generate(model, rows, max_batch_size)
+        return generate(model, rows, sizes)
     by_size: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
         by_size.setdefault((int(r["height"]), int(r["width"])), []).append(i)
     results: dict[int, RowResult] = {}
-    for indices in by_size.values():
+    for (height, width), indices in by_size.items():
         part = [rows[i] for i in indices]
+        slots = sizes.get(height, width)
         try:
-            out = generate_continuous(model, part, max_batch_size, text_cache, stats)
+            out = generate_continuous(model, part, slots, text_cache, stats)
+        except torch.OutOfMemoryError:
+            _free_memory()
+            sizes.lower(height, width, slots)
+            out = generate(model, part, sizes)
         except Exception:
             _free_memory()
-            out = generate(model, part, max_batch_size)
+            out = generate(model, part, sizes)
         results.update(zip(indices, out))
     return [results[i] for i in range(len(rows))]

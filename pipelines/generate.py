@@ -14,6 +14,7 @@ from itertools import groupby
 import numpy as np
 import torch
 
+from pipelines.batch_size import BatchSizes
 from pipelines.models import LoadedModel
 from pipelines.schedulers import make_scheduler
 from pipelines.seeding import row_generators
@@ -36,34 +37,45 @@ def config_of(row: dict) -> tuple:
     return tuple(row[k] for k in CONFIG_KEY)
 
 
-def generate(model: LoadedModel, rows: list[dict], max_batch_size: int = 8) -> list[RowResult]:
+def generate(model: LoadedModel, rows: list[dict], batch_sizes: BatchSizes | int = 8) -> list[RowResult]:
     """Results in the order of `rows`. Non-finite images and rows that fail even alone
-    (e.g. out of memory at batch size 1) become status="error" results, not exceptions."""
+    (e.g. out of memory at batch size 1) become status="error" results, not exceptions.
+
+    `batch_sizes` is a fixed batch size or the model's BatchSizes, which gives one per
+    image size and is lowered by an out-of-memory error for the batches that follow."""
+    sizes = batch_sizes if isinstance(batch_sizes, BatchSizes) else BatchSizes(model, batch_sizes)
     order = sorted(range(len(rows)), key=lambda i: config_of(rows[i]))
     results: dict[int, RowResult] = {}
     for _, group in groupby(order, key=lambda i: config_of(rows[i])):
-        group = list(group)
-        for start in range(0, len(group), max_batch_size):
-            chunk = group[start : start + max_batch_size]
-            for i, res in zip(chunk, _run_with_split(model, [rows[i] for i in chunk])):
+        pending = list(group)
+        while pending:
+            n = sizes.get(rows[pending[0]]["height"], rows[pending[0]]["width"])
+            chunk, pending = pending[:n], pending[n:]
+            for i, res in zip(chunk, _run_with_split(model, [rows[i] for i in chunk], sizes)):
                 results[i] = res
     return [results[i] for i in range(len(rows))]
 
 
-def _run_with_split(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
-    """Run a batch; on out-of-memory halve it, down to single rows."""
+def _run_with_split(model: LoadedModel, rows: list[dict], sizes: BatchSizes) -> list[RowResult]:
+    """Run a batch; on out-of-memory halve the batch size for this image size (down to single
+    rows) and run the rows again in batches of the new size."""
     try:
         return run_batch(model, rows)
     except torch.OutOfMemoryError as e:
         _free_memory()
         if len(rows) == 1:
             return [_error(rows[0], f"out of memory at batch size 1: {str(e).splitlines()[0]}")]
-        half = len(rows) // 2
-        return _run_with_split(model, rows[:half]) + _run_with_split(model, rows[half:])
+        height, width = rows[0]["height"], rows[0]["width"]
+        sizes.lower(height, width, len(rows))
+        out: list[RowResult] = []
+        while len(out) < len(rows):  # re-read the limit: a failing first part lowers it for the rest
+            part = rows[len(out) : len(out) + sizes.get(height, width)]
+            out += _run_with_split(model, part, sizes)
+        return out
     except Exception as e:  # isolate the row that fails, keep the others
         if len(rows) == 1:
             return [_error(rows[0], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
-        return [r for row in rows for r in _run_with_split(model, [row])]
+        return [r for row in rows for r in _run_with_split(model, [row], sizes)]
 
 
 def run_batch(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
@@ -111,10 +123,14 @@ def warm_up(model: LoadedModel) -> None:
     """One throwaway 2-step call at the model's default size, so that one-time costs (lazy
     initialisation, kernel selection, allocator growth) are not billed to the first batch's
     gen_seconds."""
-    spec = model.spec
-    row = {"sample_id": "warm-up", "prompt": "warm-up", "negative_prompt": "", "seed": 0, "scheduler": spec.scheduler,
-           "steps": 2, "guidance": max(spec.guidance, 2.0), "height": spec.height, "width": spec.width}
-    run_batch(model, [row])
+    run_batch(model, [probe_row(model.spec, model.spec.height, model.spec.width)])
+
+
+def probe_row(spec, height: int, width: int, seed: int = 0) -> dict:
+    """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with CFG."""
+    return {"sample_id": f"probe-{seed}", "prompt": "probe", "negative_prompt": "", "seed": seed,
+            "scheduler": spec.scheduler, "steps": 2, "guidance": max(spec.guidance, 2.0), "height": height,
+            "width": width}
 
 
 def prompts_truncated(pipe, prompts: list[str], max_tokens: int) -> list[bool]:

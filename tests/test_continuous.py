@@ -48,7 +48,7 @@ def test_mixed_sweep_matches_the_grouped_path(tiny_model):
     rows = mixed_sweep(["ddim", "euler_a", "dpmpp_2m", "heun"])  # 72 rows, 36 configurations
     stats = ContinuousStats()
     continuous = generate_continuous(tiny_model, rows, max_batch_size=8, stats=stats)
-    grouped = generate(tiny_model, rows, max_batch_size=8)
+    grouped = generate(tiny_model, rows, batch_sizes=8)
     assert [r.sample_id for r in continuous] == [r["sample_id"] for r in rows]
     assert all(r.status == "ok" for r in continuous), [r.error for r in continuous if r.error]
     assert max_diff(continuous, grouped) <= 1
@@ -91,7 +91,7 @@ def test_text_cache_evicts_least_recently_used(tiny_model):
 
 def test_rows_of_several_sizes_and_nan_rows(tiny_model):
     rows = rows_for(prompt=["a", "b", "c"], steps=[2, 3, 2], height=[32, 64, 32], width=[32, 32, 64])
-    out = generate_mixed(tiny_model, rows, max_batch_size=4)
+    out = generate_mixed(tiny_model, rows, batch_sizes=4)
     assert [r.pixels.shape for r in out] == [(32, 32, 3), (64, 32, 3), (32, 64, 3)]
     with pytest.raises(ValueError, match="one size"):
         generate_continuous(tiny_model, rows)
@@ -99,5 +99,5 @@ def test_rows_of_several_sizes_and_nan_rows(tiny_model):
     broken.pipe = copy.deepcopy(tiny_model.pipe)
     with torch.no_grad():
         broken.pipe.unet.conv_out.bias.fill_(float("nan"))
-    out = generate_mixed(broken, rows[:2] * 1, max_batch_size=4)
+    out = generate_mixed(broken, rows[:2] * 1, batch_sizes=4)
     assert [r.status for r in out] == ["error", "error"] and "non-finite" in out[0].error

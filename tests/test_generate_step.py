@@ -60,9 +60,9 @@ def test_a_row_gives_the_same_image_alone_or_in_a_mixed_batch(tiny_model, schedu
     others = rows_for(prompt=[f"prompt {i}" for i in range(7)], seed=list(range(7)),
                       scheduler=[scheduler, scheduler, "ddim", "euler", scheduler, "pndm", scheduler],
                       steps=[4, 4, 3, 4, 4, 2, 4], guidance=[7.5, 1.0, 7.5, 7.5, 7.5, 3.0, 7.5])
-    alone = generate(tiny_model, [target], max_batch_size=1)[0].pixels
+    alone = generate(tiny_model, [target], batch_sizes=1)[0].pixels
     batch = others[:3] + [target] + others[3:]
-    mixed = generate(tiny_model, batch, max_batch_size=8)
+    mixed = generate(tiny_model, batch, batch_sizes=8)
     assert [r.sample_id for r in mixed] == [r["sample_id"] for r in batch]
     diff = np.abs(alone.astype(int) - mixed[3].pixels.astype(int)).max()
     assert diff <= 1, diff

@@ -49,13 +49,13 @@ def test_channels_last_keeps_pixels(tiny_model):
 def test_compile_keeps_pixels_and_does_not_recompile_per_configuration(tiny_model):
     fast = copy_with(tiny_model, SpeedOptions(compile="default"))
     warm = rows_for(**ROWS, scheduler=["ddim", "euler"], guidance=[7.5, 1.0])  # int and float timesteps, CFG and not
-    generate(fast, warm, max_batch_size=1)
+    generate(fast, warm, batch_sizes=1)
     graphs = compiled_graphs()
     rows = rows_for(prompt=["a green triangle", "x"], seed=[5, 6], steps=[4, 2], scheduler=["dpmpp_2m", "lms"],
                     guidance=[3.0, 1.0])
-    got = generate(fast, rows, max_batch_size=1)
+    got = generate(fast, rows, batch_sizes=1)
     assert compiled_graphs() == graphs  # new schedulers, step counts and scales: values, not shapes
-    assert max_diff(got, generate(tiny_model, rows, max_batch_size=1)) <= 1
+    assert max_diff(got, generate(tiny_model, rows, batch_sizes=1)) <= 1
     # continuous batching on the compiled model: per-row timesteps, varying batch sizes
     assert max_diff(generate_continuous(fast, rows + warm, max_batch_size=3),
                     generate(tiny_model, rows + warm)) <= 1
