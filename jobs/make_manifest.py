@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Sweep spec -> manifest: the cross product of prompts x seeds x models x schedulers x
-steps x guidance x sizes, one row per image, ordered by run key, with stable sample_ids.
+steps x guidance x sizes (x cache intervals), one row per image, ordered by run key, with stable sample_ids.
 
     python jobs/make_manifest.py --spec sweep.yaml --out manifest.parquet
     python jobs/make_manifest.py --prompts prompts.txt --schedulers ddim,euler --steps 10,25 \\
@@ -29,9 +29,10 @@ import yaml  # noqa: E402
 
 from pipelines.errors import InputError  # noqa: E402
 from pipelines.models import ModelRegistry  # noqa: E402
-from pipelines.schema import order_by_run_key, validate_manifest  # noqa: E402
+from pipelines.schema import RUN_KEY, order_by_run_key, validate_manifest  # noqa: E402
 
-SPEC_KEYS = {"prompts", "negative_prompt", "models", "schedulers", "steps", "guidance", "sizes", "seeds_per_prompt", "seed"}
+SPEC_KEYS = {"prompts", "negative_prompt", "models", "schedulers", "steps", "guidance", "sizes", "cache_intervals",
+             "seeds_per_prompt", "seed"}
 
 
 def read_prompts(source) -> pd.DataFrame:
@@ -98,14 +99,16 @@ def build_manifest(spec: dict, registry: ModelRegistry) -> pa.Table:
         "steps": _list(spec.get("steps"), [None]),
         "guidance": _list(spec.get("guidance"), [None]),
         "size": [parse_size(s) for s in _list(spec.get("sizes"), [])] or [None],
+        "cache_interval": _list(spec.get("cache_intervals"), [None]),
     }
     rows = []
-    for model, sched, steps, guidance, size in itertools.product(models, *axes.values()):
+    for model, sched, steps, guidance, size, interval in itertools.product(models, *axes.values()):
         for p in prompts.itertuples(index=False):
             for k in range(n_seeds):
                 row = {**p._asdict(), "seed": base_seed + k, "model": model, "scheduler": sched, "steps": steps,
                        "guidance": None if guidance is None else float(guidance),
-                       "height": size[0] if size else None, "width": size[1] if size else None}
+                       "height": size[0] if size else None, "width": size[1] if size else None,
+                       "cache_interval": None if interval is None else int(interval)}
                 if spec.get("negative_prompt") is not None and "negative_prompt" not in row:
                     row["negative_prompt"] = spec["negative_prompt"]
                 rows.append(row)
@@ -142,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", help="comma-separated step counts")
     p.add_argument("--guidance", help="comma-separated guidance scales")
     p.add_argument("--sizes", help="comma-separated sizes, N or HxW")
+    p.add_argument("--cache-intervals", help="comma-separated DeepCache intervals (1 = off, the default): the UNet's "
+                                             "deep features are recomputed every N-th step and reused in between")
     p.add_argument("--seeds-per-prompt", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
     p.add_argument("--out", required=True, help="manifest Parquet file to write")
@@ -159,7 +164,7 @@ def main(argv=None) -> int:
             spec["prompts"] = args.prompts
         if args.prompt:
             spec["prompts"] = args.prompt
-        for key, kind in (("steps", int), ("guidance", float)):
+        for key, kind in (("steps", int), ("guidance", float), ("cache_intervals", int)):
             if getattr(args, key):
                 spec[key] = _numbers(getattr(args, key), kind)
         for key in ("models", "schedulers", "sizes"):
@@ -177,7 +182,7 @@ def main(argv=None) -> int:
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(manifest, args.out)
-    configs = manifest.select(["model", "scheduler", "steps", "guidance", "height", "width"]).to_pandas().drop_duplicates()
+    configs = manifest.select(RUN_KEY).to_pandas().drop_duplicates()
     print(f"wrote {args.out}: {manifest.num_rows} rows, {len(configs)} configurations", file=sys.stderr)
     print(json.dumps({"rows": manifest.num_rows, "configurations": len(configs)}))
     return 0

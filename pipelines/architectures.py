@@ -239,6 +239,12 @@ def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1)
                                            time_ids=torch.empty(n, n_ids, device=meta))
     timestep = torch.full((n,), 500, device=meta)
     out = {"unet_step": _count(lambda: unet(latents, timestep, **kwargs))}
+    if type(unet).__name__ == "UNet2DConditionModel":  # a step that reuses deep features (cache_interval > 1)
+        from pipelines.deepcache import unet_forward
+
+        args = (unet, latents, timestep, kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs"))
+        _, deep = unet_forward(*args)
+        out["unet_shallow_step"] = _count(lambda: unet_forward(*args, deep=deep))
     vae = _meta_twin(pipe.vae)
     z = torch.empty(batch, vae.config.latent_channels, height // factor, width // factor, device=meta)
     out["vae_decode"] = _count(lambda: vae.decode(z))
@@ -260,6 +266,9 @@ def _prompt_tokens(pipe) -> int:
     return min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
 
 
-def flops_per_image(counts: dict[str, int], steps: int, batch: int = 1) -> float:
-    """Per-image FLOPs from `count_flops` output (same `batch`) and a step count."""
-    return (steps * counts["unet_step"] + counts["vae_decode"] + counts["text"]) / batch
+def flops_per_image(counts: dict[str, int], steps: int, batch: int = 1, cache_interval: int = 1) -> float:
+    """Per-image FLOPs from `count_flops` output (same `batch`) and a step count; with
+    feature reuse every `cache_interval`-th step is a full UNet step, the others shallow."""
+    full = -(-steps // cache_interval)
+    unet = full * counts["unet_step"] + (steps - full) * counts.get("unet_shallow_step", counts["unet_step"])
+    return (unet + counts["vae_decode"] + counts["text"]) / batch

@@ -245,10 +245,16 @@ def generate_mixed(model: LoadedModel, rows: list[dict], batch_sizes: BatchSizes
     sizes = batch_sizes if isinstance(batch_sizes, BatchSizes) else BatchSizes(model, batch_sizes)
     if not supports_continuous(model):
         return generate(model, rows, sizes)
-    by_size: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_size.setdefault((int(r["height"]), int(r["width"])), []).append(i)
     results: dict[int, RowResult] = {}
+    by_size: dict[tuple, list[int]] = {}
+    grouped = []  # feature reuse (cache_interval > 1) caches per diffusers call: grouped path
+    for i, r in enumerate(rows):
+        if r.get("cache_interval", 1) > 1:
+            grouped.append(i)
+        else:
+            by_size.setdefault((int(r["height"]), int(r["width"])), []).append(i)
+    if grouped:
+        results.update(zip(grouped, generate(model, [rows[i] for i in grouped], sizes)))
     for (height, width), indices in by_size.items():
         part = [rows[i] for i in indices]
         slots = sizes.get(height, width)

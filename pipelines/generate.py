@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from pipelines.batch_size import BatchSizes
+from pipelines.deepcache import deep_cache
 from pipelines.models import LoadedModel
 from pipelines.schedulers import make_scheduler
-from pipelines.seeding import row_generators
+from pipelines.seeding import OPTIONAL_PIXEL_FIELDS, row_generators
 
-CONFIG_KEY = ("scheduler", "steps", "guidance", "height", "width")
+CONFIG_KEY = ("scheduler", "steps", "guidance", "height", "width", "cache_interval")
 
 
 @dataclass
@@ -34,7 +35,7 @@ class RowResult:
 
 
 def config_of(row: dict) -> tuple:
-    return tuple(row[k] for k in CONFIG_KEY)
+    return tuple(row[k] if k in row else OPTIONAL_PIXEL_FIELDS[k] for k in CONFIG_KEY)
 
 
 def generate(model: LoadedModel, rows: list[dict], batch_sizes: BatchSizes | int = 8) -> list[RowResult]:
@@ -80,7 +81,7 @@ def _run_with_split(model: LoadedModel, rows: list[dict], sizes: BatchSizes) -> 
 
 def run_batch(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
     """One diffusers call for rows that share a configuration."""
-    scheduler, steps, guidance, height, width = config_of(rows[0])
+    scheduler, steps, guidance, height, width, cache_interval = config_of(rows[0])
     pipe = model.pipe
     seeds = [int(r["seed"]) for r in rows]
     pipe.scheduler = make_scheduler(scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
@@ -100,7 +101,7 @@ def run_batch(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
         kwargs["negative_prompt"] = negatives
     _sync(model.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), deep_cache(pipe.unet, int(cache_interval)):
         images = pipe(**kwargs).images
     _sync(model.device)
     per_image = (time.perf_counter() - t0) / len(rows)
@@ -130,7 +131,7 @@ def probe_row(spec, height: int, width: int, seed: int = 0) -> dict:
     """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with CFG."""
     return {"sample_id": f"probe-{seed}", "prompt": "probe", "negative_prompt": "", "seed": seed,
             "scheduler": spec.scheduler, "steps": 2, "guidance": max(spec.guidance, 2.0), "height": height,
-            "width": width}
+            "width": width, "cache_interval": 1}
 
 
 def prompts_truncated(pipe, prompts: list[str], max_tokens: int) -> list[bool]:

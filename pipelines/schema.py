@@ -35,10 +35,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("guidance", pa.float64()),
         ("height", pa.int64()),
         ("width", pa.int64()),
+        ("cache_interval", pa.int64()),
     ]
 )
 MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
-RUN_KEY = ["model", "height", "width", "scheduler", "steps", "guidance"]
+RUN_KEY = ["model", "height", "width", "scheduler", "steps", "guidance", "cache_interval"]
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -104,7 +105,7 @@ _KIND_CHECKS = {
 _COLUMN_KINDS = {
     "prompt": "string", "negative_prompt": "string", "model": "string", "scheduler": "string",
     "sample_id": "string", "seed": "integer", "steps": "integer", "height": "integer",
-    "width": "integer", "guidance": "number",
+    "width": "integer", "guidance": "number", "cache_interval": "integer",
 }
 
 
@@ -184,6 +185,11 @@ def validate_manifest(
             if f and v is not None and v % f:
                 out.add(i, col, v, f"a multiple of {f} for model {models[i]!r}")
     guidance = _guidance(cols.get("guidance"), model_default("guidance"), out)
+    intervals = _ints(cols.get("cache_interval"), [1] * n, "cache_interval", out, 1, MAX_STEPS)
+    for i, (v, m) in enumerate(zip(intervals, models)):
+        if v is not None and v > 1 and m in specs and specs[m].family == "flow":
+            out.add(i, "cache_interval", v, f"1 for model {m!r}: feature reuse (cache_interval > 1) needs a UNet model, "
+                                            f"and {m!r} is a flow-matching transformer")
     seeds = _seeds(cols.get("seed"), prompts, out)
     if out.total:
         raise ManifestError(out.problems, out.total, source)
@@ -199,6 +205,7 @@ def validate_manifest(
             "guidance": np.array(guidance, dtype=np.float64),
             "height": np.array(heights, dtype=np.int64),
             "width": np.array(widths, dtype=np.int64),
+            "cache_interval": np.array(intervals, dtype=np.int64),
         }
     )
     given_ids = cols.get("sample_id", [None] * n)

@@ -16,6 +16,9 @@ SEED_LIMIT = 2**63  # seeds are int64 and non-negative
 
 # The fields that decide a row's pixels, in the order they are hashed into its sample_id.
 PIXEL_FIELDS = ("model", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "height", "width")
+# Pixel fields added later, with their "off" value: hashed only when set to something else,
+# so the sample_ids of manifests written before they existed stay the same.
+OPTIONAL_PIXEL_FIELDS = {"cache_interval": 1}
 
 
 def default_seed(prompt: str, index_within_prompt: int) -> int:
@@ -28,6 +31,7 @@ def sample_id(row: dict) -> str:
     """Content hash of a row's pixel fields: equal ids <=> the same image is asked for."""
     values = [row[f] for f in PIXEL_FIELDS]
     values[PIXEL_FIELDS.index("guidance")] = float(values[PIXEL_FIELDS.index("guidance")]).hex()
+    values += [[f, row[f]] for f, off in OPTIONAL_PIXEL_FIELDS.items() if row.get(f, off) != off]
     blob = json.dumps(values, ensure_ascii=False, separators=(",", ":"), default=int)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 

@@ -42,7 +42,7 @@ def test_extra_columns_pass_through_unchanged():
 def test_sample_id_changes_with_every_pixel_field():
     base = validate(pa.table({"prompt": ["p"], "seed": [1]})).to_pylist()[0]
     for col, value in [("prompt", "q"), ("seed", 2), ("steps", 3), ("guidance", 2.0), ("scheduler", "ddim"),
-                       ("negative_prompt", "blurry"), ("height", 64)]:
+                       ("negative_prompt", "blurry"), ("height", 64), ("cache_interval", 3)]:
         other = validate(pa.table({"prompt": ["p"], "seed": [1], col: [value]})).to_pylist()[0]
         assert other["sample_id"] != base["sample_id"], col
 
@@ -67,6 +67,10 @@ BAD = [
     ("float seed", {"prompt": ["a"], "seed": [1.5]}, None, "seed"),
     ("duplicate sample_id", {"prompt": ["a", "b"], "sample_id": ["s", "s"]}, 1, "sample_id"),
     ("identical rows", {"prompt": ["a", "a"], "seed": [3, 3]}, 1, "sample_id"),
+    ("cache_interval zero", {"prompt": ["a", "b"], "cache_interval": [2, 0]}, 1, "cache_interval"),
+    ("float cache_interval", {"prompt": ["a"], "cache_interval": [1.5]}, None, "cache_interval"),
+    ("feature reuse on a transformer", {"prompt": ["a"], "model": ["sd35-medium"], "cache_interval": [3]}, 0,
+     "cache_interval"),
 ]
 
 
