@@ -34,6 +34,7 @@ Exit codes: 0 ok; 2 bad input (unknown model, missing weights, bad flag);
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import gc
 import io
@@ -48,6 +49,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script from any directory
@@ -99,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batching", default="config",
                    help="comma list of config,continuous: the job's --batching values the actor and Ray paths "
                         "run with (default config)")
+    p.add_argument("--profile-busy", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the timed passes of plain and actor, one more pass under torch.profiler to measure "
+                        "device_busy (default: on with --sweep mixed, off otherwise; it costs a pass or more)")
     p.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
     p.add_argument("--work-dir", default=None, help="where random-weight models are saved (default OUT/_work)")
     p.add_argument("--history", default=None, metavar="FILE.parquet",
@@ -111,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pixel-tolerance", type=int, default=1, help="max |difference| in 0..255 levels (default 1)")
     args = p.parse_args(argv)
     args.command = "python jobs/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.profile_busy is None:
+        args.profile_busy = args.sweep == "mixed"
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
     args.batching = [s.strip() for s in args.batching.split(",") if s.strip()]
     if not args.batching or not set(args.batching) <= {"config", "continuous"}:
@@ -173,11 +180,18 @@ def _sync(device: str) -> None:
 
 
 def _free(device: str) -> None:
+    """Between paths, so each path's peak memory is its own. On CPU that is the resident
+    set, which keeps freed heap (a profiled pass's events: about 2 KB each, millions of
+    them) unless glibc is told to give it back."""
     import torch
 
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def measure_cpu_matmul_tflops(n: int = 1024, seconds: float = 0.5) -> float:
@@ -272,6 +286,80 @@ def max_pixel_diff(a: dict, b: dict) -> int | None:
     return max(int(np.abs(a[k].astype(np.int16) - b[k].astype(np.int16)).max()) for k in common)
 
 
+# --------------------------------------------------------------------------- device busy
+
+
+class Span(NamedTuple):
+    """One profiler event, reduced to what the busy figure needs (times in ns)."""
+
+    kind: str  # kineto activity type: "cpu_op", "kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime", ...
+    name: str
+    thread: int
+    start: int
+    end: int
+
+
+# Device-side work. Not "gpu_user_annotation": it also sits on the GPU timeline but spans
+# whole record_function ranges, gaps included.
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def covered_length(intervals) -> float:
+    """Length of the union of (start, end) intervals: overlapping work (kernels on two
+    streams, nested ops) counts once, so the result never exceeds the time spanned."""
+    total, cur_start, cur_end = 0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + (cur_end - cur_start if cur_end is not None else 0)
+
+
+def busy_intervals(spans, device: str) -> list[tuple[int, int]]:
+    """The intervals during which the device computed. CUDA: kernels, memcpys and memsets.
+    CPU: top-level aten operators (not inside another aten op on the same thread), i.e.
+    time in tensor ops as opposed to Python, scheduler and pipeline overhead."""
+    if device == "cuda":
+        return [(s.start, s.end) for s in spans if s.kind in DEVICE_WORK]
+    ops = sorted((s for s in spans if s.kind == "cpu_op" and s.name.startswith("aten::")),
+                 key=lambda s: (s.start, -s.end))
+    top, open_until = [], {}  # thread -> end of its last top-level op
+    for s in ops:
+        if s.end > open_until.get(s.thread, -1):  # not nested in that op
+            top.append((s.start, s.end))
+            open_until[s.thread] = max(s.end, open_until.get(s.thread, -1))
+    return top
+
+
+def profile_spans(prof) -> Iterator[Span]:
+    """The raw kineto events of a finished torch.profiler run. Not prof.events(): building
+    its FunctionEvent tree takes about a minute per million events, a mixed sweep has
+    millions; the raw list takes seconds."""
+    return (Span(e.activity_type(), e.name(), e.start_thread_id(), e.start_ns(), e.end_ns())
+            for e in prof.profiler.kineto_results.events())
+
+
+def device_busy(run, device: str) -> tuple[float, float]:
+    """Run `run()` once under torch.profiler; return (busy fraction, wall seconds of that
+    pass). Busy = covered length of busy_intervals / wall time. On CUDA only device activity
+    is recorded: recording every CPU op would slow the host and starve the GPU it measures.
+    Clipped to 1 against profiler/perf_counter clock skew of microseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    _sync(device)
+    with profile(activities=[activity]) as prof:
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    busy = covered_length(busy_intervals(profile_spans(prof), device)) / 1e9
+    return min(1.0, busy / wall), wall
+
+
 # --------------------------------------------------------------------------- models and rows
 
 
@@ -333,6 +421,13 @@ def configurations(spec, args) -> list[tuple[str, int, float]]:
     return [(s, n, g) for s in MIXED_SCHEDULERS[spec.family] for n in step_counts for g in scales]
 
 
+def _schedulers_used(spec, args, rows: pd.DataFrame) -> list[str]:
+    """The schedulers the rows run, in the sweep's order: the model family picks the list
+    (eps or flow matching), and too few rows leave some out."""
+    used = set(rows.scheduler)
+    return [s for s in dict.fromkeys(c[0] for c in configurations(spec, args)) if s in used]
+
+
 def make_rows(spec, args, n: int):
     """`n` validated manifest rows spread round-robin over the configurations, in the job's
     order (by run key)."""
@@ -359,9 +454,11 @@ def make_rows(spec, args, n: int):
 # --------------------------------------------------------------------------- the three paths
 
 
-def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1):
+def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1,
+               profile_busy: bool = False):
     """A user's loop: one pipeline; per configuration, set its scheduler and call it per
-    batch. Returns (median pass seconds, pixels of the first batch by sample_id, peak bytes)."""
+    batch. Returns (median pass seconds, pixels of the first batch by sample_id, peak bytes,
+    (device busy, profiled pass seconds) or None)."""
     import torch
 
     from pipelines.models import load_model
@@ -384,26 +481,33 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
         _sync(device)
         return images
 
+    first = {}
+
+    def one_pass():
+        for group in groups:
+            for start in range(0, len(group), batch):
+                chunk = group.iloc[start:start + batch]
+                images = call(chunk)
+                if not first:
+                    first.update(zip(chunk.sample_id, to_uint8(images)))
+
     call(groups[0].iloc[:batch])  # warm-up
-    first, passes = {}, []
+    passes = []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for group in groups:
-                for start in range(0, len(group), batch):
-                    chunk = group.iloc[start:start + batch]
-                    images = call(chunk)
-                    if not first:
-                        first = dict(zip(chunk.sample_id, to_uint8(images)))
+            one_pass()
             passes.append(time.perf_counter() - t0)
-    return float(np.median(passes)), first, mem.peak
+    busy = device_busy(one_pass, device) if profile_busy else None  # after the clock: profiling slows it
+    return float(np.median(passes)), first, mem.peak, busy
 
 
 def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, repeats: int = 1,
-               batching: str = "config", speed: dict | None = None):
+               batching: str = "config", speed: dict | None = None, profile_busy: bool = False):
     """GenerateActor in this process, on pandas batches of the rows Ray would feed it.
     Returns (median pass seconds, pixels by sample_id, error messages, peak bytes, warm-up
-    seconds: model load, the actor's own warm-up (compile, if on) and one batch)."""
+    seconds: model load, the actor's own warm-up (compile, if on) and one batch,
+    (device busy, profiled pass seconds) or None)."""
     from jobs.generate import CALL_ROWS_CONTINUOUS, GenerateActor
 
     actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None,
@@ -413,20 +517,23 @@ def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     actor(rows.iloc[:batch])  # warm-up (and model load)
     _sync(device)
     warmup_s = time.perf_counter() - t0
+
+    def one_pass():
+        return [actor(rows.iloc[start:start + call_rows]) for start in range(0, len(rows), call_rows)]
+
     passes = []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
-            outs = []
             t0 = time.perf_counter()
-            for start in range(0, len(rows), call_rows):
-                outs.append(actor(rows.iloc[start:start + call_rows]))
+            outs = one_pass()
             passes.append(time.perf_counter() - t0)
+    busy = device_busy(one_pass, device) if profile_busy else None  # after the clock: profiling slows it
     seconds = float(np.median(passes))
     out = pd.concat(outs, ignore_index=True)
     pixels = {sid: (None if raw is None else np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3))
               for sid, raw, h, w in zip(out.sample_id, out.pixels, out.height, out.width)}
     errors = out.error[out.status != "ok"].tolist()
-    return seconds, pixels, errors, mem.peak, warmup_s
+    return seconds, pixels, errors, mem.peak, warmup_s, busy
 
 
 def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, work: Path, models_file,
@@ -461,11 +568,29 @@ def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, 
         raise RuntimeError(f"jobs/generate.py {' '.join(argv)} exited {rc}")
     df = pd.read_parquet(results)
     first_start = df.created_at.min().timestamp()  # when the actor began its first batch (model loaded)
+    steady = max(1e-9, finished - first_start)
     pixels = {sid: (None if png is None else np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
               for sid, png in zip(df.sample_id, df.image)}
-    return dict(seconds=seconds, startup_s=max(0.0, first_start - submitted),
-                steady_seconds=max(1e-9, finished - first_start), pixels=pixels,
-                errors=df.error[df.status != "ok"].tolist(), peak=mem.peak)
+    return dict(seconds=seconds, startup_s=max(0.0, first_start - submitted), steady_seconds=steady, pixels=pixels,
+                errors=df.error[df.status != "ok"].tolist(), peak=mem.peak,
+                actor_busy=actor_busy(df, _pool_size(results, df), steady))
+
+
+def actor_busy(results: pd.DataFrame, actors: int, steady_seconds: float) -> float:
+    """Fraction of the generation actors' time spent inside generate calls: the rows'
+    gen_seconds (each row's share of the diffusers/UNet calls it was part of, so they add
+    up to those calls' wall time) over actors x the steady wall time (first batch start to
+    the last row committed). The rest is time the actors waited for rows or spent outside
+    generate (Ray hand-offs, the last commit) once started; gaps inside a call are not seen."""
+    return float(np.nansum(results.gen_seconds)) / (actors * steady_seconds)
+
+
+def _pool_size(results: Path, df: pd.DataFrame) -> int:
+    """The job's actor pool size, from its _run.json; else the workers seen in the rows."""
+    try:
+        return int(json.loads((results / "_run.json").read_text())["runs"][-1]["pool_size"])
+    except (OSError, KeyError, IndexError, TypeError, ValueError):
+        return max(1, df.worker.nunique())
 
 
 # --------------------------------------------------------------------------- the suite
@@ -522,7 +647,8 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                         device=device, device_name=device_name, dtype=dtype, batch_size=batch, rows=n,
                         repeats=args.repeats,
                         steps=int(r0.steps), height=int(r0.height), width=int(r0.width),
-                        guidance=float(r0.guidance), scheduler=str(r0.scheduler), flops_per_image=flops,
+                        guidance=float(r0.guidance), scheduler=str(r0.scheduler),
+                        schedulers=",".join(_schedulers_used(spec, args, rows)), flops_per_image=flops,
                         unet_step_flops=counts["unet_step"], vae_decode_flops=counts["vae_decode"],
                         text_flops=counts["text"], peak_tflops=peak, peak_source=peak_source,
                         torch_version=env["torch_version"], diffusers_version=env["diffusers_version"],
@@ -533,16 +659,17 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                   f"{int(r0.height)}x{int(r0.width)}, {dtype} on {device_name}", file=sys.stderr)
             # Each path loads its own copy and frees it before the next, so peak memory is its own.
             if "plain" in args.paths:
-                seconds, plain_px, mem = time_plain(spec, rows, batch, device, dtype, args.repeats)
+                seconds, plain_px, mem, busy = time_plain(spec, rows, batch, device, dtype, args.repeats,
+                                                          args.profile_busy)
                 _free(device)
-                got["plain", None] = dict(seconds=seconds, peak_mem_bytes=mem)
+                got["plain", None] = dict(seconds=seconds, peak_mem_bytes=mem, **_busy_fields(busy))
             for batching in args.batching:
                 if "actor" in args.paths:
-                    seconds, actor_px, errors, mem, warmup_s = time_actor(spec, rows, batch, device, dtype, args.repeats,
-                                                                          batching, speed)
+                    seconds, actor_px, errors, mem, warmup_s, busy = time_actor(
+                        spec, rows, batch, device, dtype, args.repeats, batching, speed, args.profile_busy)
                     _free(device)
                     g = got["actor", batching] = dict(seconds=seconds, peak_mem_bytes=mem, errors=len(errors),
-                                                      warmup_s=warmup_s)
+                                                      warmup_s=warmup_s, **_busy_fields(busy))
                     if errors:
                         print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
                     if "plain" in args.paths:
@@ -554,7 +681,8 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                     ray = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
                     g = got["ray", batching] = dict(seconds=ray["seconds"], peak_mem_bytes=ray["peak"],
                                                     errors=len(ray["errors"]), startup_s=ray["startup_s"],
-                                                    steady_images_per_s=n / ray["steady_seconds"])
+                                                    steady_images_per_s=n / ray["steady_seconds"],
+                                                    actor_busy=ray["actor_busy"])
                     if "actor" in args.paths:
                         g["pixels_max_diff"] = max_pixel_diff(actor_px, ray["pixels"])
                         g["pixels_compared"] = len(ray["pixels"])
@@ -566,7 +694,9 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                            peak_mem_bytes=g.get("peak_mem_bytes"), errors=g.get("errors", 0),
                            pixels_max_diff=g.get("pixels_max_diff"), pixels_compared=g.get("pixels_compared"),
                            startup_s=g.get("startup_s"), steady_images_per_s=g.get("steady_images_per_s"),
-                           warmup_s=g.get("warmup_s"), **(speed if path != "plain" else {}))
+                           warmup_s=g.get("warmup_s"), device_busy=g.get("device_busy"),
+                           profiled_s=g.get("profiled_s"), actor_busy=g.get("actor_busy"),
+                           **(speed if path != "plain" else {}))
                 if ("plain", None) in got:
                     rec["vs_plain"] = ips / (n / got["plain", None]["seconds"])
                 if path == "ray" and ("actor", batching) in got:
@@ -578,6 +708,11 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                     d is not None and d <= args.pixel_tolerance and rec["errors"] == 0)
                 records.append(rec)
     return records, env
+
+
+def _busy_fields(busy: tuple[float, float] | None) -> dict:
+    """device_busy and the profiled pass's seconds (profiler overhead included) for a record."""
+    return {} if busy is None else dict(device_busy=busy[0], profiled_s=busy[1])
 
 
 def _pipe_for_flops(spec, arch):
@@ -647,9 +782,36 @@ def _configuration(r: dict) -> str:
     if r.get("sweep") == "mixed":
         steps = sorted({max(1, round(r["steps"] * f)) for f in MIXED_STEP_FRACTIONS})
         return (f"{r['height']}x{r['width']}, mixed sweep of {r['rows']} rows: "
-                f"{' / '.join(MIXED_SCHEDULERS['eps'])} x {steps} steps x CFG {sorted({1.0, 4.0, r['guidance']})} "
+                f"{' / '.join(r['schedulers'].split(','))} x {steps} steps x CFG {sorted({1.0, 4.0, r['guidance']})} "
                 f"(FLOPs averaged over the rows)")
     return f"{r['height']}x{r['width']}, {r['steps']} {r['scheduler']} steps, CFG {r['guidance']:g}"
+
+
+def _table_row(r: dict, show_busy: bool) -> str:
+    row = (f"| {_label(r)} | {r['batch_size']} | {r['images_per_s']:.3g} | {r['s_per_image']:.3g} | "
+           f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {_bytes(r['peak_mem_bytes'])} | "
+           f"{_fmt(r.get('vs_plain'), '.2f', '-')}x |")
+    if show_busy:
+        row += f" {_fmt(_busy(r) and 100 * _busy(r), '.0f', '-')}% |"
+    return row.replace("| n/a% |", "| n/a |").replace("| -% |", "| - |")
+
+
+def _busy_legend(recs: list[dict]) -> str:
+    """What the busy column means for each kind of path in the table."""
+    parts = []
+    if any(r.get("device_busy") is not None for r in recs):
+        work = "the GPU ran kernels or copies" if recs[0]["device"] == "cuda" else "the CPU was inside top-level aten ops"
+        parts.append(f"plain diffusers and the actor: device busy, time {work} / wall time of one extra profiled pass")
+    if any(r.get("actor_busy") is not None for r in recs):
+        parts.append("Ray job: actor busy, the rows' gen_seconds / (actors x wall time from the first batch to the "
+                     "last row committed)")
+    return "busy: " + "; ".join(parts) + "."
+
+
+def _busy(r: dict) -> float | None:
+    """The busy figure a path has: device_busy in process, actor_busy for the Ray job."""
+    v = r.get("device_busy") if r.get("device_busy") is not None else r.get("actor_busy")
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
 
 
 def _label(r: dict) -> str:
@@ -681,15 +843,21 @@ def markdown(records: list[dict], env: dict) -> str:
                   f"{r0['unet_step_flops'] / 1e12:.4g}, VAE decode {r0['vae_decode_flops'] / 1e12:.4g}, text "
                   f"{r0['text_flops'] / 1e12:.4g}); peak {_fmt(r0['peak_tflops'], '.4g')} TFLOP/s "
                   f"({r0['peak_source']}).",
-                  "", "| path | batch | images/s | s/image | MFU | peak mem | vs plain diffusers |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in recs:
-            lines.append(f"| {_label(r)} | {r['batch_size']} | {r['images_per_s']:.3g} | "
-                         f"{r['s_per_image']:.3g} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
-                         f"{_bytes(r['peak_mem_bytes'])} | {_fmt(r.get('vs_plain'), '.2f', '-')}x |"
-                         .replace("| n/a% |", "| n/a |"))
+                  ""]
+        show_busy = any(_busy(r) is not None for r in recs)
+        lines += ["| path | batch | images/s | s/image | MFU | peak mem | vs plain diffusers |" + (" busy |" * show_busy),
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" * show_busy)]
+        lines += [_table_row(r, show_busy) for r in recs]
         lines.append("")
+        if show_busy:
+            lines += [_busy_legend(recs), ""]
         for r in recs:
+            if r.get("device_busy") is not None:
+                lines.append(f"- batch {r['batch_size']}: {_label(r)}: device busy {100 * r['device_busy']:.0f}% over "
+                             f"a profiled pass of {r['profiled_s']:.1f} s (timed pass {r['seconds']:.1f} s).")
+            if r.get("actor_busy") is not None:
+                lines.append(f"- batch {r['batch_size']}: {_label(r)}: actor busy {100 * r['actor_busy']:.0f}% "
+                             f"from the first batch to the last row committed.")
             if r["path"] == "ray" and r.get("ray_overhead_ratio") is not None:
                 lines.append(f"- batch {r['batch_size']}: Ray job / actor loop = {r['ray_overhead_ratio']:.3f} end to "
                              f"end ({r['rows']} rows, {r['startup_s']:.1f} s from submit to the first batch), "
@@ -718,7 +886,8 @@ def markdown(records: list[dict], env: dict) -> str:
 
 _NUMERIC = ["seconds", "warmup_s", "images_per_s", "s_per_image", "achieved_tflops", "mfu", "peak_mem_bytes", "peak_tflops",
             "flops_per_image", "vs_plain", "ray_overhead_ratio", "ray_steady_ratio", "startup_s",
-            "steady_images_per_s", "pixels_max_diff", "pixels_compared", "baseline_images_per_s", "baseline_runs"]
+            "steady_images_per_s", "pixels_max_diff", "pixels_compared", "baseline_images_per_s", "baseline_runs",
+            "device_busy", "profiled_s", "actor_busy"]
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:

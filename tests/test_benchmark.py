@@ -2,6 +2,7 @@
 
 import json
 import shlex
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -92,6 +93,9 @@ def test_same_pixels_and_ray_overhead(suite):
     assert ratio == pytest.approx(recs["ray"]["images_per_s"] / recs["actor"]["images_per_s"])
     assert 0 < ratio and 0 < recs["ray"]["ray_steady_ratio"] and recs["ray"]["startup_s"] >= 0
     assert recs["plain"]["vs_plain"] == 1.0 and recs["actor"]["peak_mem_bytes"] > 0
+    assert 0 < recs["ray"]["actor_busy"] <= 1
+    # a single-configuration run is not profiled unless asked (--profile-busy)
+    assert recs["plain"]["device_busy"] is None and recs["actor"]["device_busy"] is None
 
 
 def test_history_flags_a_regression_with_exit_3(suite, tmp_path):
@@ -150,7 +154,75 @@ def test_mixed_sweep_with_both_batchings(tmp_path):
     assert recs.flops_per_image.iloc[0] < 3 * recs.unet_step_flops.iloc[0] + recs.vae_decode_flops.iloc[0] + \
         recs.text_flops.iloc[0]
     md = (tmp_path / "throughput.md").read_text()
-    assert "mixed sweep of 36 rows" in md and "diffsweep actor (continuous batching) | 4 |" in md
+    assert "mixed sweep of 36 rows: ddim / euler_a / dpmpp_2m / unipc x" in md
+    assert "diffsweep actor (continuous batching) | 4 |" in md
+    # a mixed sweep is profiled by default: one extra pass per in-process path
+    parquet = pd.read_parquet(tmp_path / "throughput.parquet")
+    assert parquet.device_busy.dtype == "float64" and parquet.profiled_s.dtype == "float64"
+    assert parquet.device_busy.between(0, 1, inclusive="right").all() and (parquet.profiled_s > 0).all()
+    assert "| busy |" in md and "device busy" in md
+
+
+# --------------------------------------------------------------------------- device busy
+
+
+def test_covered_length_counts_overlaps_once():
+    assert benchmark.covered_length([]) == 0
+    assert benchmark.covered_length([(5, 6), (0, 2), (1, 3)]) == 4  # unsorted, overlapping
+    assert benchmark.covered_length([(0, 10), (2, 3), (9, 12)]) == 12  # nested, then sticking out
+    assert benchmark.covered_length([(0, 1), (1, 2), (4, 4)]) == 2  # touching; empty
+
+
+def test_busy_intervals_keeps_top_level_aten_ops_and_device_work():
+    S = benchmark.Span
+    spans = [S("cpu_op", "aten::conv2d", 1, 0, 10), S("cpu_op", "aten::convolution", 1, 0, 9),  # child, same start
+             S("cpu_op", "aten::add", 1, 12, 15), S("cpu_op", "aten::empty", 1, 15, 15),
+             S("cpu_op", "aten::mm", 2, 5, 20),  # another thread: top level there
+             S("cpu_op", "UNet2DConditionModel", 1, 0, 30), S("user_annotation", "step", 1, 0, 30),
+             S("cuda_runtime", "cudaLaunchKernel", 1, 1, 2), S("kernel", "gemm", 7, 3, 6),
+             S("gpu_memcpy", "Memcpy HtoD", 7, 8, 9), S("gpu_memset", "Memset", 7, 9, 10),
+             S("gpu_user_annotation", "step", 7, 0, 30)]
+    assert benchmark.busy_intervals(spans, "cpu") == [(0, 10), (5, 20), (12, 15)]
+    assert benchmark.covered_length(benchmark.busy_intervals(spans, "cpu")) == 20
+    assert sorted(benchmark.busy_intervals(spans, "cuda")) == [(3, 6), (8, 9), (9, 10)]
+
+
+def test_device_busy_from_a_real_cpu_trace():
+    """Matmuls with sleeps between them keep the CPU busy a small fraction of the time;
+    the same matmuls back to back keep it busy most of it."""
+    import torch
+
+    a = torch.randn(256, 256)
+
+    def sleepy():
+        for _ in range(4):
+            a @ a
+            time.sleep(0.05)
+
+    def back_to_back():
+        for _ in range(40):
+            a @ a
+
+    idle, idle_wall = benchmark.device_busy(sleepy, "cpu")
+    busy, _ = benchmark.device_busy(back_to_back, "cpu")
+    assert idle_wall >= 0.2 and 0 < idle < 0.5
+    assert idle < busy <= 1 and busy > 0.5
+
+
+def test_mixed_sweep_header_names_the_schedulers_of_the_model_family():
+    """A flow-matching model sweeps the flow schedulers, and the header says so."""
+    from pipelines.models import ModelRegistry
+
+    args = benchmark.parse_args(["--sweep", "mixed", "--steps", "10"])
+    spec = ModelRegistry().get("sd35-medium")
+    rows = pd.DataFrame(benchmark.configurations(spec, args), columns=["scheduler", "steps", "guidance"])
+    used = benchmark._schedulers_used(spec, args, rows)
+    assert used == ["flow_match_euler", "flow_match_heun"]
+    header = benchmark._configuration(dict(sweep="mixed", steps=10, guidance=4.5, rows=18, height=64, width=64,
+                                           schedulers=",".join(used)))
+    assert "flow_match_euler / flow_match_heun x [4, 7, 10] steps" in header and "ddim" not in header
+    assert args.profile_busy and not benchmark.parse_args([]).profile_busy
+    assert not benchmark.parse_args(["--sweep", "mixed", "--no-profile-busy"]).profile_busy
 
 
 @pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").is_file(), reason="embedded model not built yet")

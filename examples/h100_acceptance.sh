@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 6's GPU measurements, in parts that each fit a 10-minute slot on one H100.
+#
+#   bash examples/h100_acceptance.sh PART [OUT]      PART: sd15 | sdxl | mixed | speed | all
+#
+# OUT defaults to bench/h100. On a machine without ray/diffusers installed (the lent GPU
+# box), build the wheels first on a machine with a registry (../shared/tools/gpu-wheels
+# .whl) and carry .whl along; this script installs them into /tmp/site when present.
+# Each part writes throughput.{md,json,parquet} under OUT/PART; copy the tables into
+# docs/performance.md with the machine line they print.
+set -euo pipefail
+PART="${1:?usage: $0 sd15|sdxl|mixed|speed|all [OUT]}"
+OUT="${2:-bench/h100}"
+if [ -d .whl ] && ! python3 -c "import diffusers, ray" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+B="python3 jobs/benchmark.py --suite throughput"
+
+run() {
+  case "$1" in
+    # SD 1.5, 512px, 50 DDIM steps, CFG 7.5: plain diffusers vs actor vs Ray job (>= 6 img/s, Ray >= 95 %)
+    sd15) $B --model sd15 --batch-sizes 1,4,16,32 --out "$OUT/sd15" ;;
+    # SDXL, 1024px, 30 steps (>= 1.2 img/s)
+    sdxl) $B --model sdxl --steps 30 --batch-sizes 1,4,8 --rows 16 --out "$OUT/sdxl" ;;
+    # 4 schedulers x 3 step counts x 3 guidance scales: grouped vs continuous, device busy (>= 90 %)
+    mixed) $B --model sd15 --sweep mixed --batching config,continuous --batch-sizes 16 --out "$OUT/mixed" ;;
+    # speed options, actor only (compile is paid in the warm-up, reported as warmup_s)
+    speed)
+      $B --model sd15 --batch-sizes 16 --paths actor --channels-last --out "$OUT/channels-last"
+      $B --model sd15 --batch-sizes 16 --paths actor --compile max-autotune-no-cudagraphs --out "$OUT/compile" ;;
+    all) for p in sd15 sdxl mixed speed; do run "$p"; done ;;
+    *) echo "unknown part $1" >&2; exit 2 ;;
+  esac
+}
+run "$PART"
