@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU measurements, in parts that each fit a 10-minute slot on one H100.
 #
-#   bash examples/h100_acceptance.sh PART [OUT]      PART: sd15 | sdxl | mixed | speed | all
+#   bash examples/h100_acceptance.sh PART [OUT]      PART: sd15 | sdxl | mixed | speed | reuse | all
 #
 # OUT defaults to bench/h100. On a machine without ray/diffusers installed (the lent GPU
 # box), build the wheels first on a machine with a registry (../shared/tools/gpu-wheels
@@ -9,7 +9,7 @@
 # Each part writes throughput.{md,json,parquet} under OUT/PART; copy the tables into
 # docs/performance.md with the machine line they print.
 set -euo pipefail
-PART="${1:?usage: $0 sd15|sdxl|mixed|speed|all [OUT]}"
+PART="${1:?usage: $0 sd15|sdxl|mixed|speed|reuse|all [OUT]}"
 OUT="${2:-bench/h100}"
 if [ -d .whl ] && ! python3 -c "import diffusers, ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -30,7 +30,11 @@ run() {
     speed)
       $B --model sd15 --batch-sizes 16 --paths actor --channels-last --out "$OUT/channels-last"
       $B --model sd15 --batch-sizes 16 --paths actor --compile max-autotune-no-cudagraphs --out "$OUT/compile" ;;
-    all) for p in sd15 sdxl mixed speed; do run "$p"; done ;;
+    # feature reuse (cache_interval manifest value) vs unmodified plain diffusers
+    reuse)
+      for n in 2 3; do $B --model sd15 --batch-sizes 16 --paths plain,actor --cache-interval $n --out "$OUT/reuse-$n"; done
+      $B --model sdxl --steps 30 --batch-sizes 8 --rows 16 --paths actor --cache-interval 3 --out "$OUT/reuse-sdxl" ;;
+    all) for p in sd15 sdxl mixed speed reuse; do run "$p"; done ;;
     *) echo "unknown part $1" >&2; exit 2 ;;
   esac
 }

@@ -65,7 +65,7 @@ EXIT_PIXELS = 4
 PATHS = ("plain", "actor", "ray")
 PATH_LABEL = {"plain": "plain diffusers", "actor": "diffsweep actor", "ray": "diffsweep Ray job"}
 HISTORY_KEY = ["suite", "sweep", "model", "device_name", "batch_size", "path", "batching", "compile", "channels_last",
-               "dtype", "steps", "height", "width"]
+               "dtype", "steps", "height", "width", "cache_interval"]
 MIXED_SCHEDULERS = {"eps": ("ddim", "euler_a", "dpmpp_2m", "unipc"), "flow": ("flow_match_euler", "flow_match_heun")}
 MIXED_STEP_FRACTIONS = (0.4, 0.7, 1.0)  # of the model's (or --steps) step count
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name; anything else: --peak-tflops.
@@ -88,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--size", default=None, help="N or HxW (default: the model's)")
     p.add_argument("--scheduler", default="ddim", help="scheduler registry name (default ddim)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="the rows' cache_interval manifest value for the actor and Ray paths: feature reuse, full "
+                        "UNet every N-th call (default 1, off). It changes pixels, so plain diffusers stays the "
+                        "unmodified reference and its pixels are not compared with the actor's")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="auto: the model's half type on GPU, float32 on CPU")
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of plain,actor,ray (default all)")
@@ -142,7 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.size = (int(h), int(w or h))
         except ValueError:
             p.error(f"--size {args.size!r}: expected N or HxW")
-    for flag in ("rows", "steps", "window", "repeats"):
+    for flag in ("rows", "steps", "window", "repeats", "cache_interval"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag} must be >= 1, got {v}")
@@ -445,7 +449,7 @@ def make_rows(spec, args, n: int):
         scheduler, steps, guidance = configs[i % len(configs)]
         rows.append(dict(prompt=f"a {colors[i % 6]} {shapes[i % 4]} on a white background, sample {i // len(configs)}",
                          seed=1000 + i, model=spec.name, scheduler=scheduler, steps=steps, guidance=guidance,
-                         height=h, width=w))
+                         height=h, width=w, cache_interval=args.cache_interval))
     table = validate_manifest(pa.Table.from_pylist(rows), ModelRegistry({spec.name: spec}), spec.name,
                               source="benchmark rows")
     return order_by_run_key(table).to_pandas()
@@ -638,8 +642,9 @@ def run_throughput(args) -> tuple[list[dict], dict]:
             n = args.rows or (len(configurations(spec, args)) * max(1, batch // 4) if args.sweep == "mixed"
                               else max(4, 4 * batch))
             rows = make_rows(spec, args, n)
-            flops = float(np.mean([flops_per_image(counts if g > 1 else no_cfg, int(k))
-                                   for g, k in zip(rows.guidance, rows.steps)]))
+            flops, plain_flops = (float(np.mean([flops_per_image(counts if g > 1 else no_cfg, int(k), cache_interval=c)
+                                                 for g, k in zip(rows.guidance, rows.steps)]))
+                                  for c in (args.cache_interval, 1))  # plain diffusers never reuses features
             if args.sweep == "mixed":  # the record names the sweep, its largest step count and scale
                 r0 = rows.sort_values(["steps", "guidance"]).iloc[-1].copy()
                 r0["scheduler"] = "mixed"
@@ -648,7 +653,8 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                         repeats=args.repeats,
                         steps=int(r0.steps), height=int(r0.height), width=int(r0.width),
                         guidance=float(r0.guidance), scheduler=str(r0.scheduler),
-                        schedulers=",".join(_schedulers_used(spec, args, rows)), flops_per_image=flops,
+                        schedulers=",".join(_schedulers_used(spec, args, rows)), cache_interval=args.cache_interval,
+                        flops_per_image=flops,
                         unet_step_flops=counts["unet_step"], vae_decode_flops=counts["vae_decode"],
                         text_flops=counts["text"], peak_tflops=peak, peak_source=peak_source,
                         torch_version=env["torch_version"], diffusers_version=env["diffusers_version"],
@@ -672,7 +678,7 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                                                       warmup_s=warmup_s, **_busy_fields(busy))
                     if errors:
                         print(f"[benchmark] actor errors: {errors[:3]}", file=sys.stderr)
-                    if "plain" in args.paths:
+                    if "plain" in args.paths and args.cache_interval == 1:  # feature reuse changes pixels
                         g["pixels_max_diff"] = max_pixel_diff(plain_px, actor_px)
                         g["pixels_compared"] = len(plain_px)
                 if "ray" in args.paths:
@@ -688,15 +694,16 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                         g["pixels_compared"] = len(ray["pixels"])
             for (path, batching), g in got.items():
                 ips = n / g["seconds"]
+                f = plain_flops if path == "plain" else flops  # the FLOPs the path actually ran
                 rec = dict(base, path=path, batching=batching, seconds=g["seconds"], images_per_s=ips,
-                           s_per_image=g["seconds"] / n, achieved_tflops=ips * flops / 1e12,
-                           mfu=(ips * flops / 1e12 / peak) if peak else None,
+                           s_per_image=g["seconds"] / n, achieved_tflops=ips * f / 1e12,
+                           mfu=(ips * f / 1e12 / peak) if peak else None,
                            peak_mem_bytes=g.get("peak_mem_bytes"), errors=g.get("errors", 0),
                            pixels_max_diff=g.get("pixels_max_diff"), pixels_compared=g.get("pixels_compared"),
                            startup_s=g.get("startup_s"), steady_images_per_s=g.get("steady_images_per_s"),
                            warmup_s=g.get("warmup_s"), device_busy=g.get("device_busy"),
                            profiled_s=g.get("profiled_s"), actor_busy=g.get("actor_busy"),
-                           **(speed if path != "plain" else {}))
+                           **(speed if path != "plain" else dict(cache_interval=1, flops_per_image=plain_flops)))
                 if ("plain", None) in got:
                     rec["vs_plain"] = ips / (n / got["plain", None]["seconds"])
                 if path == "ray" and ("actor", batching) in got:
@@ -787,6 +794,15 @@ def _configuration(r: dict) -> str:
     return f"{r['height']}x{r['width']}, {r['steps']} {r['scheduler']} steps, CFG {r['guidance']:g}"
 
 
+def _flops_note(recs: list[dict]) -> str:
+    """FLOPs per image, both figures when feature reuse makes the actor's differ from plain diffusers'."""
+    by_interval = {r.get("cache_interval") or 1: r["flops_per_image"] for r in recs}
+    if len(by_interval) == 1:
+        return f"FLOPs per image {next(iter(by_interval.values())) / 1e12:.4g} TFLOP"
+    return "FLOPs per image " + ", ".join(f"{v / 1e12:.4g} TFLOP at cache_interval {k}"
+                                          for k, v in sorted(by_interval.items()))
+
+
 def _table_row(r: dict, show_busy: bool) -> str:
     row = (f"| {_label(r)} | {r['batch_size']} | {r['images_per_s']:.3g} | {r['s_per_image']:.3g} | "
            f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {_bytes(r['peak_mem_bytes'])} | "
@@ -817,7 +833,8 @@ def _busy(r: dict) -> float | None:
 def _label(r: dict) -> str:
     options = [("continuous batching" if r.get("batching") == "continuous" else None),
                (f"compile {r['compile']}" if r.get("compile") not in (None, "none") else None),
-               ("channels_last" if r.get("channels_last") else None)]
+               ("channels_last" if r.get("channels_last") else None),
+               (f"cache_interval {r['cache_interval']}" if (r.get("cache_interval") or 1) > 1 else None)]
     options = [o for o in options if o]
     return PATH_LABEL[r["path"]] + (f" ({', '.join(options)})" if options else "")
 
@@ -839,7 +856,7 @@ def markdown(records: list[dict], env: dict) -> str:
         r0 = recs[0]
         lines += [f"## {model} ({r0['weights']} weights, {r0['pipeline']})", "",
                   f"{_configuration(r0)}, "
-                  f"{r0['dtype']}. FLOPs per image {r0['flops_per_image'] / 1e12:.4g} TFLOP (UNet step "
+                  f"{r0['dtype']}. {_flops_note(recs)} (UNet step "
                   f"{r0['unet_step_flops'] / 1e12:.4g}, VAE decode {r0['vae_decode_flops'] / 1e12:.4g}, text "
                   f"{r0['text_flops'] / 1e12:.4g}); peak {_fmt(r0['peak_tflops'], '.4g')} TFLOP/s "
                   f"({r0['peak_source']}).",
@@ -909,6 +926,8 @@ def apply_history(records: list[dict], path: str, tolerance: float, window: int)
     if not history.empty:  # histories from before a key column existed ran its default
         if "sweep" not in history:
             history["sweep"] = "single"
+        if "cache_interval" not in history:
+            history["cache_interval"] = 1
         for col, default in (("batching", "config"), ("compile", "none"), ("channels_last", False)):
             if col not in history and "path" in history:
                 history[col] = pd.Series(np.where(history.path == "plain", None, default), dtype=object)

@@ -121,13 +121,16 @@ def test_history_median_over_window(tmp_path):
            for i, ips in enumerate([100.0, 1.0, 2.0, 3.0])]
     other = dict(key, batch_size=8, run_id="r9", created_at="2020-01-09", images_per_s=1000.0)
     history = tmp_path / "h.parquet"
-    pd.DataFrame(old + [other]).to_parquet(history, index=False)
-    rec = dict(key, run_id="now", created_at="2021-01-01", images_per_s=1.9)
+    pd.DataFrame(old + [other]).to_parquet(history, index=False)  # from before the cache_interval key column
+    reuse = dict(key, cache_interval=2, run_id="reuse", created_at="2021-01-01", images_per_s=0.1)
+    assert benchmark.apply_history([reuse], str(history), tolerance=0.1, window=3) is False
+    assert reuse["baseline_runs"] == 0  # a new configuration: nothing to compare with
+    rec = dict(key, cache_interval=1, run_id="now", created_at="2021-01-01", images_per_s=1.9)
     assert benchmark.apply_history([rec], str(history), tolerance=0.1, window=3) is False
     assert rec["baseline_images_per_s"] == 2.0 and rec["baseline_runs"] == 3  # median of r1..r3, not r0 or r9
-    rec2 = dict(key, run_id="later", created_at="2021-01-02", images_per_s=1.0)
+    rec2 = dict(key, cache_interval=1, run_id="later", created_at="2021-01-02", images_per_s=1.0)
     assert benchmark.apply_history([rec2], str(history), tolerance=0.1, window=3) is True
-    assert len(pd.read_parquet(history)) == 7
+    assert len(pd.read_parquet(history)) == 8
 
 
 def test_bad_flags_exit_2(tmp_path, capsys):
@@ -232,6 +235,24 @@ def test_suite_runs_on_the_embedded_model(tmp_path):
     recs = json.loads((tmp_path / "throughput.json").read_text())["records"]
     assert {r["path"] for r in recs} == {"plain", "actor"}
     assert all(r["images_per_s"] > 0 for r in recs) and recs[-1]["pixels_match"] is True
+
+
+def test_cache_interval_times_feature_reuse_against_unmodified_plain_diffusers(tmp_path):
+    """The actor runs the rows with feature reuse; plain diffusers stays the unmodified
+    reference, so its pixels are not compared, and each path's MFU counts the FLOPs it ran."""
+    assert benchmark.main(["--model", "tiny-random", "--rows", "2", "--steps", "4", "--batch-sizes", "2",
+                           "--paths", "plain,actor", "--cache-interval", "2", "--out", str(tmp_path)]) == 0
+    recs = {r["path"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["records"]}
+    plain, actor = recs["plain"], recs["actor"]
+    assert (plain["cache_interval"], actor["cache_interval"]) == (1, 2)
+    assert actor["flops_per_image"] < plain["flops_per_image"]  # 2 of the 4 steps are shallow
+    for r in (plain, actor):
+        assert r["achieved_tflops"] == pytest.approx(r["images_per_s"] * r["flops_per_image"] / 1e12)
+    assert actor["pixels_match"] is None and actor["errors"] == 0
+    md = (tmp_path / "throughput.md").read_text()
+    assert "diffsweep actor (cache_interval 2)" in md and "TFLOP at cache_interval 2" in md
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--cache-interval", "0"])
 
 
 # --------------------------------------------------------------------------- cluster configs
