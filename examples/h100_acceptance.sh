@@ -29,6 +29,7 @@ run() {
     # speed options, actor only (compile is paid in the warm-up, reported as warmup_s)
     speed)
       $B --model sd15 --batch-sizes 16 --paths actor --channels-last --out "$OUT/channels-last"
+      $B --model sd15 --batch-sizes 16 --paths actor --fuse-qkv --out "$OUT/fuse-qkv"
       $B --model sd15 --batch-sizes 16 --paths actor --compile max-autotune-no-cudagraphs --out "$OUT/compile" ;;
     # feature reuse (cache_interval manifest value) vs unmodified plain diffusers
     reuse)

@@ -65,7 +65,7 @@ EXIT_PIXELS = 4
 PATHS = ("plain", "actor", "ray")
 PATH_LABEL = {"plain": "plain diffusers", "actor": "diffsweep actor", "ray": "diffsweep Ray job"}
 HISTORY_KEY = ["suite", "sweep", "model", "device_name", "batch_size", "path", "batching", "compile", "channels_last",
-               "dtype", "steps", "height", "width", "cache_interval"]
+               "fuse_qkv", "dtype", "steps", "height", "width", "cache_interval"]
 MIXED_SCHEDULERS = {"eps": ("ddim", "euler_a", "dpmpp_2m", "unipc"), "flow": ("flow_match_euler", "flow_match_heun")}
 MIXED_STEP_FRACTIONS = (0.4, 0.7, 1.0)  # of the model's (or --steps) step count
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name; anything else: --peak-tflops.
@@ -96,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: the model's half type on GPU, float32 on CPU")
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of plain,actor,ray (default all)")
     p.add_argument("--channels-last", action="store_true", help="as jobs/generate.py: for the actor and Ray paths")
+    p.add_argument("--fuse-qkv", action="store_true", help="as jobs/generate.py: for the actor and Ray paths")
     p.add_argument("--compile", default="none", metavar="MODE",
                    help="as jobs/generate.py: torch.compile mode for the actor and Ray paths (default none); "
                         "the compile is paid in the warm-up and reported as warmup_s")
@@ -626,8 +627,9 @@ def run_throughput(args) -> tuple[list[dict], dict]:
         make_rows(spec, args, 1)  # bad flags (scheduler, size, steps) fail here, before Ray starts
     if "ray" in args.paths:
         _init_ray()
-    speed = dict(channels_last=args.channels_last, compile=args.compile)
-    speed_flags = (("--channels-last",) if args.channels_last else ()) + ("--compile", args.compile)
+    speed = dict(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
+    speed_flags = ((("--channels-last",) if args.channels_last else ()) + (("--fuse-qkv",) if args.fuse_qkv else ())
+                   + ("--compile", args.compile))
     records = []
     for name, (spec, weights, arch) in models.items():
         dtype = resolve_dtype(spec, device, args.dtype)
@@ -834,6 +836,7 @@ def _label(r: dict) -> str:
     options = [("continuous batching" if r.get("batching") == "continuous" else None),
                (f"compile {r['compile']}" if r.get("compile") not in (None, "none") else None),
                ("channels_last" if r.get("channels_last") else None),
+               ("fused QKV" if r.get("fuse_qkv") else None),
                (f"cache_interval {r['cache_interval']}" if (r.get("cache_interval") or 1) > 1 else None)]
     options = [o for o in options if o]
     return PATH_LABEL[r["path"]] + (f" ({', '.join(options)})" if options else "")
@@ -928,7 +931,8 @@ def apply_history(records: list[dict], path: str, tolerance: float, window: int)
             history["sweep"] = "single"
         if "cache_interval" not in history:
             history["cache_interval"] = 1
-        for col, default in (("batching", "config"), ("compile", "none"), ("channels_last", False)):
+        for col, default in (("batching", "config"), ("compile", "none"), ("channels_last", False),
+                             ("fuse_qkv", False)):
             if col not in history and "path" in history:
                 history[col] = pd.Series(np.where(history.path == "plain", None, default), dtype=object)
     regressed = False

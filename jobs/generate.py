@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "row's slot goes to the next row (Stable Diffusion 1.x/2.x-type pipelines; others use config)")
     p.add_argument("--channels-last", action="store_true",
                    help="NHWC memory layout for UNet and VAE (speed only; pixels equal within float tolerance)")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="fused query/key/value projections in UNet and VAE attention (speed only; pixels equal within "
+                        "float tolerance)")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile UNet and VAE decoder with this mode (" + ", ".join(COMPILE_MODES)
                         + "; default none); the warm-up pays the compile once per actor and model")
@@ -100,7 +103,7 @@ def _batch_size(text: str) -> int | str:
 
 
 def speed_options(args) -> SpeedOptions:
-    return SpeedOptions(channels_last=args.channels_last, compile=args.compile)
+    return SpeedOptions(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
 
 
 class GenerateActor:

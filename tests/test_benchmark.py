@@ -116,7 +116,8 @@ def test_history_flags_a_regression_with_exit_3(suite, tmp_path):
 def test_history_median_over_window(tmp_path):
     """No regression against slower runs; the median is over the last `window` runs of the same key."""
     key = dict(suite="throughput", sweep="single", model="m", device_name="cpu x2", batch_size=4, path="actor",
-               batching="config", compile="none", channels_last=False, dtype="float32", steps=2, height=32, width=32)
+               batching="config", compile="none", channels_last=False, fuse_qkv=False, dtype="float32", steps=2,
+               height=32, width=32)
     old = [dict(key, run_id=f"r{i}", created_at=f"2020-01-0{i + 1}", images_per_s=ips)
            for i, ips in enumerate([100.0, 1.0, 2.0, 3.0])]
     other = dict(key, batch_size=8, run_id="r9", created_at="2020-01-09", images_per_s=1000.0)

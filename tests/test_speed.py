@@ -44,6 +44,15 @@ def test_channels_last_keeps_pixels(tiny_model):
     assert max_diff(generate(fast, rows), generate(tiny_model, rows)) <= 1
 
 
+def test_fused_qkv_keeps_pixels_with_and_without_feature_reuse(tiny_model):
+    rows = rows_for(**ROWS, scheduler=["ddim", "euler"], guidance=[7.5, 1.0], cache_interval=[1, 2])
+    fast = copy_with(tiny_model, SpeedOptions(fuse_qkv=True))
+    processors = {type(p).__name__ for p in fast.pipe.unet.attn_processors.values()}
+    fused = [m for m in fast.pipe.unet.modules() if type(m).__name__ == "Attention"]
+    assert processors == {"FusedAttnProcessor2_0"} and fused and all(m.fused_projections for m in fused)
+    assert max_diff(generate(fast, rows), generate(tiny_model, rows)) <= 1
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile (inductor) needs a C++ compiler on CPU")
 def test_compile_keeps_pixels_and_does_not_recompile_per_configuration(tiny_model):
