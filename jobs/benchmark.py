@@ -277,10 +277,9 @@ class PeakMemory:
 
 
 def to_uint8(images) -> list[np.ndarray]:
-    """The actor's conversion (pipelines.generate.to_uint8) of each image."""
-    from pipelines.generate import to_uint8 as convert
-
-    return [convert(img) for img in images]
+    """A user's conversion of output_type="np" images (floats in [0, 1]) to uint8 pixels,
+    as diffusers' numpy_to_pil does it (x255, round), clipped."""
+    return [(np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8) for img in images]
 
 
 def max_pixel_diff(a: dict, b: dict) -> int | None:

@@ -31,7 +31,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipelines.batch_size import BatchSizes
-from pipelines.generate import RowResult, _free_memory, _sync, image_result, prompts_truncated
+from pipelines.generate import RowResult, _free_memory, _sync, image_result, prompts_truncated, to_pixels
 from pipelines.models import LoadedModel
 from pipelines.schedulers import make_scheduler
 from pipelines.seeding import row_generators
@@ -156,14 +156,13 @@ def generate_continuous(model: LoadedModel, rows: list[dict], max_batch_size: in
                 finished = [r for r in active if r.finished]
                 active = [r for r in active if not r.finished]
                 t0 = time.perf_counter()
-                images = _decode(pipe, finished)
-                _sync(model.device)
+                pixels, finite = _decode(pipe, finished)  # ends with a copy to the host: synced
                 share = (time.perf_counter() - t0) / len(finished)
                 clock = time.perf_counter()
                 stats.decodes += 1
-                for r, image in zip(finished, images):
+                for r, px, ok in zip(finished, pixels, finite):
                     r.seconds += share
-                    results[r.index] = image_result(r.row, image, r.seconds, max_batch_size, truncated[r.index])
+                    results[r.index] = image_result(r.row, px, ok, r.seconds, max_batch_size, truncated[r.index])
     return [results[i] for i in range(len(rows))]
 
 
@@ -228,10 +227,11 @@ def _denoise_step(pipe, active: list[_Row], stats: ContinuousStats) -> None:
         r.units += 2 if r.uncond is not None else 1
 
 
-def _decode(pipe, finished: list[_Row]) -> np.ndarray:
+def _decode(pipe, finished: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels and finiteness of the finished rows, as the grouped path makes them."""
     latents = torch.cat([r.latents for r in finished])
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(finished))
+    return to_pixels(pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * len(finished)))
 
 
 def generate_mixed(model: LoadedModel, rows: list[dict], batch_sizes: BatchSizes | int = 8,

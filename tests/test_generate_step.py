@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines.generate import generate
+from pipelines.generate import generate, to_pixels
 from pipelines.models import ModelRegistry
 from pipelines.schedulers import SCHEDULERS, UnknownSchedulerError, make_scheduler, scheduler_names
 from pipelines.schema import validate_manifest
@@ -68,6 +68,23 @@ def test_a_row_gives_the_same_image_alone_or_in_a_mixed_batch(tiny_model, schedu
     assert diff <= 1, diff
     # and the batch is not trivially constant: another seed gives another image
     assert np.abs(mixed[3].pixels.astype(int) - mixed[4].pixels.astype(int)).max() > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pixels_converted_on_the_device_equal_the_numpy_conversion(dtype):
+    """to_pixels must give the bytes a user gets from output_type="np": clip, x255, round
+    (half to even) in float32, including values exactly between two levels and out of range."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 8, 8, generator=g) * 1.2 - 0.1
+    images[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])
+    images[2, 1, 3, 3] = float("nan")
+    images = images.to(dtype)
+    pixels, finite = to_pixels(images)
+    as_np = images.float().permute(0, 2, 3, 1).numpy()  # what diffusers' output_type="np" hands over
+    expected = (np.clip(as_np, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    assert pixels.dtype == np.uint8 and pixels.shape == (3, 8, 8, 3)
+    assert finite.tolist() == [True, True, False]
+    assert np.array_equal(pixels[:2], expected[:2])
 
 
 def test_non_finite_output_is_an_error_row(tiny_model):
