@@ -5,6 +5,7 @@ import shlex
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -254,6 +255,31 @@ def test_cache_interval_times_feature_reuse_against_unmodified_plain_diffusers(t
     assert "diffsweep actor (cache_interval 2)" in md and "TFLOP at cache_interval 2" in md
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--cache-interval", "0"])
+
+
+def test_half_precision_is_checked_against_a_float32_reference(tmp_path):
+    """In bfloat16 pixel equality is no criterion (batch composition alone moves pixels); the
+    actor must be as close to a float32 run of the first batch as plain diffusers is."""
+    assert benchmark.main(["--model", "tiny-random", "--rows", "2", "--steps", "3", "--batch-sizes", "2",
+                           "--paths", "plain,actor", "--dtype", "bfloat16", "--channels-last",
+                           "--out", str(tmp_path)]) == 0
+    recs = {r["path"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["records"]}
+    plain, actor = recs["plain"], recs["actor"]
+    assert plain["reference_images"] == actor["reference_images"] == 2
+    assert plain["fp32_mean_diff"] >= 0 and plain["pixels_match"] is None
+    assert actor["pixels_match"] is True
+    assert actor["fp32_mean_diff"] <= 1.5 * plain["fp32_mean_diff"] + 0.5
+    assert "to the float32 reference" in (tmp_path / "throughput.md").read_text()
+
+
+def test_half_precision_verdict_and_mean_difference():
+    black, grey = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 10, np.uint8)
+    assert benchmark.mean_pixel_diff({"a": grey, "b": black}, {"a": black, "b": black}) == 5.0
+    assert benchmark.mean_pixel_diff({"a": None}, {"a": black}) is None  # an error row
+    assert benchmark.half_precision_match(3.0, 2.0, tolerance=1.5)  # 3.0 <= 1.5 x 2.0 + 0.5
+    assert not benchmark.half_precision_match(3.6, 2.0, tolerance=1.5)
+    assert benchmark.half_precision_match(0.4, 0.0, tolerance=1.5)  # plain exact: half a level of slack
+    assert not benchmark.half_precision_match(None, 2.0, tolerance=1.5)
 
 
 # --------------------------------------------------------------------------- cluster configs
