@@ -302,6 +302,8 @@ def evaluate(args) -> int:
     meta_cols = [c for c in pq.read_schema(next(results_dir.glob("part-*.parquet"))).names if c != "image"]
     df = pd.read_parquet(results_dir, columns=meta_cols)
     keys = [k.strip() for k in args.by.split(",")] if args.by else [k for k in RUN_KEY if k in df.columns]
+    if not args.by and "dtype" in df.columns and df["dtype"].nunique() > 1:
+        keys.append("dtype")  # the same configuration in two precisions: not the same images
     unknown = [k for k in keys if k not in df.columns]
     if unknown:
         raise InputError(f"--by: unknown columns {unknown}; results have {sorted(df.columns)}")

@@ -173,6 +173,7 @@ class GenerateActor:
                     "batch_size": res.batch_size,
                     "worker": self.worker,
                     "device": f"{self.device}:{self.device_name}",
+                    "dtype": model.dtype,
                     "model_digest": model.digest,
                     "created_at": now,
                     **self.versions,

@@ -51,6 +51,7 @@ RESULT_SCHEMA = pa.schema(
         ("batch_size", pa.int64()),
         ("worker", pa.string()),
         ("device", pa.string()),
+        ("dtype", pa.string()),  # half precision changes pixels (docs/performance.md): compare within one
         ("diffusers_version", pa.string()),
         ("torch_version", pa.string()),
         ("model_digest", pa.string()),
@@ -136,6 +137,10 @@ def validate_manifest(
             [Problem(None, "--model", default_model, f"a registered model: {', '.join(registry.names())}")],
             source=source,
         )
+    taken = [c for c in table.column_names if c in RESULT_COLUMNS]
+    if taken:  # the job writes these itself; a user column of that name would be ambiguous
+        raise ManifestError([Problem(None, c, "a manifest column", "not a result column name (rename it): "
+                                     + ", ".join(RESULT_COLUMNS)) for c in taken], source=source)
     for col, kind in _COLUMN_KINDS.items():
         if col in table.column_names:
             t = table.schema.field(col).type

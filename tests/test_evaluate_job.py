@@ -1,8 +1,10 @@
 """jobs/evaluate.py end to end: tiny-random results, a tiny CLIP, a local Ray."""
 
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -59,6 +61,22 @@ def test_group_by_other_columns(evaluated):
     assert eval_job.main(args[:-5] + ["--by", "guidance", "--out", str(out), "--n-boot", "10", "--no-progress"]) == 0
     m = pd.read_parquet(out / "metrics.parquet")
     assert list(m.guidance) == [1.0, 7.5] and (m.n == 12).all()
+
+
+def test_results_of_two_precisions_are_separate_rows(evaluated, tmp_path):
+    """A results directory holding the same configurations in two dtypes (e.g. a resumed run
+    with another --dtype) reports each (configuration, dtype) apart."""
+    _, results, args = evaluated
+    mixed = tmp_path / "results"
+    shutil.copytree(results, mixed)
+    for shard in mixed.glob("part-*.parquet"):
+        df = pd.read_parquet(shard)
+        df["dtype"] = np.where(df.seed % 2 == 0, "float32", "bfloat16")
+        df.to_parquet(shard, index=False)
+    out = tmp_path / "report"
+    assert eval_job.main([str(mixed)] + args[1:-5] + ["--out", str(out), "--n-boot", "10", "--no-progress"]) == 0
+    m = pd.read_parquet(out / "metrics.parquet")
+    assert len(m) == 8 and set(m["dtype"]) == {"float32", "bfloat16"}
 
 
 @pytest.mark.parametrize("change,expected", [

@@ -53,6 +53,7 @@ def test_sweep_output_is_complete_and_typed(sweep):
         assert decode(png).shape == (h, w, 3) == (32, 32, 3)
     assert (df.gen_seconds > 0).all() and df.batch_size.between(1, 8).all()  # auto on CPU: 8
     assert df.model_digest.nunique() == 1 and df.device.str.startswith("cpu").all()
+    assert (df["dtype"] == "float32").all()  # resolved from --dtype auto on CPU
     run = json.loads((out / "_run.json").read_text())
     assert run["runs"][-1]["ok"] == 48 and run["manifest_rows"] == 48
     assert run["versions"]["diffusers"] and run["versions"]["torch"] and run["manifest_digest"]

@@ -39,6 +39,11 @@ def test_extra_columns_pass_through_unchanged():
     assert out.column("note").to_pylist() == ["n1", None]
 
 
+def test_a_column_named_like_a_result_column_is_rejected():
+    with pytest.raises(ManifestError, match="column 'dtype'.*not a result column name"):
+        validate(pa.table({"prompt": ["x"], "dtype": ["fp16"], "note": ["ok"]}))
+
+
 def test_sample_id_changes_with_every_pixel_field():
     base = validate(pa.table({"prompt": ["p"], "seed": [1]})).to_pylist()[0]
     for col, value in [("prompt", "q"), ("seed", 2), ("steps", 3), ("guidance", 2.0), ("scheduler", "ddim"),
