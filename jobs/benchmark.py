@@ -74,6 +74,7 @@ PATH_LABEL = {"plain": "plain diffusers", "actor": "diffsweep actor", "ray": "di
 HISTORY_KEY = ["suite", "sweep", "model", "device_name", "batch_size", "path", "batching", "compile", "channels_last",
                "fuse_qkv", "dtype", "steps", "height", "width", "cache_interval"]
 MIXED_SCHEDULERS = {"eps": ("ddim", "euler_a", "dpmpp_2m", "unipc"), "flow": ("flow_match_euler", "flow_match_heun")}
+CONFIG_COLUMNS = ["scheduler", "steps", "guidance", "height", "width"]  # one diffusers call's configuration
 MIXED_STEP_FRACTIONS = (0.4, 0.7, 1.0)  # of the model's (or --steps) step count
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name; anything else: --peak-tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -477,7 +478,7 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     from pipelines.models import load_model
 
     loaded = load_model(spec, device, dtype)  # from_pretrained + .to(device), safety checker off
-    groups = [g for _, g in rows.groupby(["scheduler", "steps", "guidance", "height", "width"], sort=False)]
+    groups = [g for _, g in rows.groupby(CONFIG_COLUMNS, sort=False)]
 
     first = {}
 
@@ -522,17 +523,16 @@ def plain_call(loaded, chunk: pd.DataFrame, device: str) -> np.ndarray:
 REFERENCE_ROWS = 8  # float32 reference images per model and batch size (half precision only)
 
 
-def float32_reference(spec, rows: pd.DataFrame, batch: int, device: str) -> dict:
-    """Pixels by sample_id of the first plain batch's first REFERENCE_ROWS rows, made in
-    float32 with TF32 off (so the reference is not itself a 10-bit-mantissa computation).
-    float32 pixels do not depend on batch composition (<= 1/255, tested), so a smaller
-    batch than the timed one is fine."""
+def float32_reference(spec, rows: pd.DataFrame, first_batch: dict, device: str) -> dict:
+    """Pixels by sample_id of the first REFERENCE_ROWS rows of plain diffusers' first batch
+    (`first_batch`: its pixels by sample_id), made in float32 with TF32 off (so the reference
+    is not itself a 10-bit-mantissa computation). float32 pixels do not depend on batch
+    composition (<= 1/255, tested), so a smaller batch than the timed one is fine."""
     import torch
 
     from pipelines.models import load_model
 
-    first = next(g for _, g in rows.groupby(["scheduler", "steps", "guidance", "height", "width"], sort=False))
-    chunk = first.iloc[:min(batch, REFERENCE_ROWS)]
+    chunk = rows[rows.sample_id.isin(list(first_batch)[:REFERENCE_ROWS])]  # rows' order: the batch's
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -541,6 +541,11 @@ def float32_reference(spec, rows: pd.DataFrame, batch: int, device: str) -> dict
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     _free(device)
     return dict(zip(chunk.sample_id, to_uint8(images)))
+
+
+def _reference_fields(pixels: dict, reference: dict) -> dict:
+    """fp32_mean_diff and reference_images for a path's measurements."""
+    return dict(fp32_mean_diff=mean_pixel_diff(pixels, reference), reference_images=len(reference))
 
 
 def mean_pixel_diff(a: dict, reference: dict) -> float | None:
@@ -723,9 +728,8 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                 _free(device)
                 got["plain", None] = dict(seconds=seconds, peak_mem_bytes=mem, **_busy_fields(busy))
                 if half and args.cache_interval == 1:
-                    reference = float32_reference(spec, rows, batch, device)
-                    got["plain", None].update(fp32_mean_diff=mean_pixel_diff(plain_px, reference),
-                                              reference_images=len(reference))
+                    reference = float32_reference(spec, rows, plain_px, device)
+                    got["plain", None].update(_reference_fields(plain_px, reference))
             for batching in args.batching:
                 if "actor" in args.paths:
                     seconds, actor_px, errors, mem, warmup_s, busy = time_actor(
@@ -739,7 +743,7 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                         g["pixels_max_diff"] = max_pixel_diff(plain_px, actor_px)
                         g["pixels_compared"] = len(plain_px)
                     if reference:
-                        g.update(fp32_mean_diff=mean_pixel_diff(actor_px, reference), reference_images=len(reference))
+                        g.update(_reference_fields(actor_px, reference))
                 if "ray" in args.paths:
                     runs = [time_ray_job(spec, rows, batch, device, dtype, work_dir / f"{name}-b{batch}", args.models,
                                          batching, speed_flags) for _ in range(args.repeats)]
@@ -752,8 +756,7 @@ def run_throughput(args) -> tuple[list[dict], dict]:
                         g["pixels_max_diff"] = max_pixel_diff(actor_px, ray["pixels"])
                         g["pixels_compared"] = len(ray["pixels"])
                     if reference:
-                        g.update(fp32_mean_diff=mean_pixel_diff(ray["pixels"], reference),
-                                 reference_images=len(reference))
+                        g.update(_reference_fields(ray["pixels"], reference))
             for (path, batching), g in got.items():
                 ips = n / g["seconds"]
                 f = plain_flops if path == "plain" else flops  # the FLOPs the path actually ran
@@ -995,7 +998,8 @@ def markdown(records: list[dict], env: dict) -> str:
 
 _NUMERIC = ["seconds", "warmup_s", "images_per_s", "s_per_image", "achieved_tflops", "mfu", "peak_mem_bytes", "peak_tflops",
             "flops_per_image", "vs_plain", "ray_overhead_ratio", "ray_steady_ratio", "startup_s",
-            "steady_images_per_s", "pixels_max_diff", "pixels_compared", "fp32_mean_diff", "reference_images", "baseline_images_per_s", "baseline_runs",
+            "steady_images_per_s", "pixels_max_diff", "pixels_compared", "fp32_mean_diff", "reference_images",
+            "baseline_images_per_s", "baseline_runs",
             "device_busy", "profiled_s", "actor_busy"]
 
 
