@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +32,12 @@ import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from pipelines.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes  # noqa: E402
+from jobs.cli import OneLineParser, at_least  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
+from pipelines.lease import DEFAULT_TTL_S, Lease, LeaseLostError  # noqa: E402
 from pipelines.manifest import read_manifest  # noqa: E402
 from pipelines.models import ModelRegistry, check_available  # noqa: E402
-from pipelines.results import ResultStore, new_run_id  # noqa: E402
+from pipelines.results import ResultStore, check_out_location, new_run_id  # noqa: E402
 from pipelines.speed import COMPILE_MODES, SpeedOptions, apply_speed_options  # noqa: E402
 from pipelines.schema import MANIFEST_COLUMNS, RESULT_SCHEMA, manifest_digest, order_by_run_key, validate_manifest  # noqa: E402
 
@@ -44,7 +47,7 @@ RESULT_ONLY = [f.name for f in RESULT_SCHEMA]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jobs/generate.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="jobs/generate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("manifest", help="Parquet file, directory of Parquet files, or s3:// / gs:// URI")
     p.add_argument("--out", required=True, help="results directory (local path or object-store URI)")
     p.add_argument("--model", default=None, help="model for rows without one (default: embedded)")
@@ -64,26 +67,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", default="none", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile UNet and VAE decoder with this mode (" + ", ".join(COMPILE_MODES)
                         + "; default none); the warm-up pays the compile once per actor and model")
-    p.add_argument("--pool-size", type=int, default=None, help="generation actors (default: one per GPU, 1 on CPU)")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs Ray reserves per actor (default 1)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads in each CPU actor (default: all cores / pool size)")
+    p.add_argument("--pool-size", type=at_least(1, int), default=None, help="generation actors (default: one per GPU, 1 on CPU)")
+    p.add_argument("--num-gpus", type=at_least(0), default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-actor", type=at_least(0), default=1, help="CPUs Ray reserves per actor (default 1)")
+    p.add_argument("--torch-threads", type=at_least(1, int), default=None, help="torch intra-op threads in each CPU actor (default: all cores / pool size)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weights/activations dtype (auto: the model's half type on GPU, float32 on CPU)")
-    p.add_argument("--shard-rows", type=int, default=256, help="rows per committed result shard (default 256)")
-    p.add_argument("--flush-seconds", type=float, default=60.0, help="commit a partial shard after this long (default 60)")
-    p.add_argument("--max-retries", type=int, default=3,
+    p.add_argument("--shard-rows", type=at_least(1, int), default=256, help="rows per committed result shard (default 256)")
+    p.add_argument("--flush-seconds", type=at_least(0, strict=True), default=60.0, help="commit a partial shard after this long (default 60)")
+    p.add_argument("--max-retries", type=at_least(0, int), default=3,
                    help="retries of a batch whose actor died (killed, node lost); actors are always replaced (default 3)")
     p.add_argument("--overwrite", action="store_true", help="discard existing results in --out")
     p.add_argument("--retry-errors", action="store_true",
                    help="when resuming, generate again the rows recorded with status 'error'")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows still to do (for a smoke run)")
+    p.add_argument("--limit", type=at_least(1, int), default=None, help="only the first N rows still to do (for a smoke run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lease-seconds", type=at_least(1), default=DEFAULT_TTL_S,
+                   help="a run holds --out with a lease renewed every quarter of this; another run may take it over "
+                        f"after this long without renewal (default {DEFAULT_TTL_S:.0f})")
+    p.add_argument("--schedule-timeout", type=at_least(1), default=600.0,
+                   help="seconds to wait for the cluster to start the generation actors before giving up (default 600)")
     args = p.parse_args(argv)
-    for flag in ("shard_rows", "pool_size", "limit", "torch_threads"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if not args.out or not args.out.strip():
+        p.error("--out: expected a results directory or object-store URI, got an empty string")
     return args
 
 
@@ -110,7 +116,8 @@ class GenerateActor:
     """Holds loaded pipelines (a small LRU cache) and turns manifest rows into pixels."""
 
     def __init__(self, specs: dict, dtype: str, batch_size: int | None, torch_threads: int | None, cache_size: int = 2,
-                 batching: str = "config", speed: dict | None = None):
+                 batching: str = "config", speed: dict | None = None, attempts: str | None = None,
+                 max_attempts: int | None = None):
         import torch
 
         if torch_threads:
@@ -124,6 +131,8 @@ class GenerateActor:
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.models: OrderedDict = OrderedDict()
+        self.load_failures: dict[str, str] = {}  # model name -> why it cannot load here (its rows become errors)
+        self.attempts, self.max_attempts = attempts, max_attempts
         import diffusers
 
         self.versions = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__}
@@ -156,10 +165,39 @@ class GenerateActor:
 
         return generate(model, rows, self.batch_sizes[name])
 
+    def _failed_rows(self, part: pd.DataFrame, message: str) -> list[dict]:
+        return [{"sample_id": sid, "pixels": None, "status": "error", "error": message, "prompt_truncated": False,
+                 "gen_seconds": 0.0, "batch_size": 0, "worker": self.worker, "device": f"{self.device}:{self.device_name}",
+                 "dtype": None, "model_digest": None, "created_at": dt.datetime.now(dt.timezone.utc), **self.versions}
+                for sid in part["sample_id"]]
+
+    def _attempt(self, batch: pd.DataFrame) -> int:
+        """Which attempt at this batch this is (1 = first), counted across actor restarts by the
+        run's BatchAttempts actor; 0 when not counted (in-process use, e.g. the benchmark)."""
+        if not self.attempts:
+            return 0
+        import ray
+
+        return ray.get(ray.get_actor(self.attempts).start.remote(batch_key(batch["sample_id"])))
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
+        attempt = self._attempt(batch)
+        if self.max_attempts and attempt > self.max_attempts:  # the previous attempts killed their actors
+            out = self._failed_rows(batch, f"the worker died {attempt - 1} times running this batch of {len(batch)} "
+                                           f"row(s) (killed, out of host memory, or crashed); --max-retries "
+                                           f"{self.max_attempts - 1} exhausted")
+            return pd.DataFrame(out).join(batch.set_index("sample_id")[["height", "width"]], on="sample_id")
         for name, part in batch.groupby("model", sort=False):
-            model = self._model(name)
+            if name in self.load_failures:
+                out += self._failed_rows(part, self.load_failures[name])
+                continue
+            try:
+                model = self._model(name)
+            except Exception as e:  # noqa: BLE001 - a model that cannot load here: its rows end as error rows
+                self.load_failures[name] = f"model {name!r} could not be loaded on {self.worker}: {one_line(e)}"
+                out += self._failed_rows(part, self.load_failures[name])
+                continue
             rows = part.to_dict("records")
             now = dt.datetime.now(dt.timezone.utc)  # batch start: jobs/benchmark.py measures start-up from it
             for res in self._generate(name, model, rows):
@@ -202,55 +240,112 @@ def encode_pngs(batch: pd.DataFrame) -> pd.DataFrame:
     return batch
 
 
-def plan(args) -> tuple:
-    """Everything that can fail on bad input, done before Ray starts or anything is written."""
+@dataclass
+class Plan:
+    """A validated manifest, and the results directory it will go to (leased to this run)."""
+
+    manifest: pa.Table
+    registry: ModelRegistry
+    store: ResultStore
+    lease: Lease
+    run_id: str
+    previous: dict | None
+    n_done: int
+    digest: str
+    todo: pa.Table
+    set_aside: list[str]
+    created: bool  # --out did not exist before this run
+
+
+def plan(args) -> Plan:
+    """Everything that can fail on bad input, done before Ray starts or anything is written;
+    then the lease on --out, and what is already there."""
     registry = ModelRegistry.with_user_file(args.models)
     if args.model is not None and args.model not in registry:
         raise InputError(f"--model {args.model!r}: not a registered model; registered: {', '.join(registry.names())}")
     manifest = validate_manifest(read_manifest(args.manifest), registry, args.model, source=f"manifest {args.manifest}")
-    for name in set(manifest.column("model").to_pylist()):
+    for name in sorted(set(manifest.column("model").to_pylist())):
         check_available(registry.get(name))
     digest = manifest_digest(manifest)
     store = ResultStore(args.out)
-    previous = store.prepare(digest, args.overwrite)
-    if previous is not None and args.retry_errors:
-        store.drop_errors()
-    done = store.done_ids() if previous is not None else set()
+    check_out_location(store, args.manifest)
+    created = store.create()
+    run_id = new_run_id()
+    lease = Lease(store.fs, store.root, run_id, ttl_s=args.lease_seconds, local=store.local)
+    taken_over = lease.acquire(args.out)
+    try:
+        if taken_over is not None:
+            print(f"warning: --out {args.out}: took over the lease of {taken_over.describe(time.time())} "
+                  "(that run is gone)", file=sys.stderr)
+        previous = store.prepare(digest, args.overwrite)
+        done, bad = store.read_committed() if previous is not None else (set(), [])
+        scan = store.scan()
+        moved = store.quarantine([p for p, _ in bad] + scan.foreign)
+        why = dict(bad)
+        for src, dst in zip([p for p, _ in bad] + scan.foreign, moved):
+            print(f"warning: --out {args.out}: set aside {src.rsplit('/', 1)[-1]} "
+                  f"({why.get(src, 'not a results shard: readers of the directory would fail on it')}) -> {dst}",
+                  file=sys.stderr)
+        if previous is not None and args.retry_errors:
+            store.drop_errors()
+            done, _ = store.read_committed()
+    except BaseException:
+        lease.release()
+        if created:
+            store.remove_if_empty()
+        raise
     ids = manifest.column("sample_id").to_pylist()
-    todo_mask = pa.array([sid not in done for sid in ids])
-    todo = order_by_run_key(manifest.filter(todo_mask))
+    todo = order_by_run_key(manifest.filter(pa.array([sid not in done for sid in ids])))
     if args.limit is not None:
         todo = todo.slice(0, args.limit)
-    return manifest, registry, store, previous, len(done), digest, todo
+    n_done = sum(1 for sid in ids if sid in done)
+    return Plan(manifest, registry, store, lease, run_id, previous, n_done, digest, todo, moved, created)
 
 
 def run(args) -> int:
-    manifest, registry, store, previous, n_done, digest, todo = plan(args)
-    run_id = new_run_id()
+    p = plan(args)
+    try:
+        return _run(args, p)
+    except InputError:  # found once Ray is up (e.g. the cluster cannot host an actor): nothing was written
+        p.lease.release()
+        if p.created:
+            p.store.remove_if_empty()
+        raise
+    finally:
+        p.lease.release()
+
+
+def _run(args, p: Plan) -> int:
+    manifest, store, todo, run_id = p.manifest, p.store, p.todo, p.run_id
     record = {
         "manifest": args.manifest,
-        "manifest_digest": digest,
+        "manifest_digest": p.digest,
         "manifest_rows": manifest.num_rows,
         "options": {k: v for k, v in vars(args).items()},
         "versions": _versions(),
-        "runs": (previous or {}).get("runs", []),
+        "runs": (p.previous or {}).get("runs", []),
     }
     this_run = {"run_id": run_id, "started_at": _now(), "host": socket.gethostname(), "python": sys.version.split()[0],
-                "todo": todo.num_rows, "skipped_done": n_done}
+                "todo": todo.num_rows, "skipped_done": p.n_done}
+    if p.set_aside:
+        this_run["set_aside"] = p.set_aside
     record["runs"].append(this_run)
-    store.write_run(record)
     if todo.num_rows == 0:
+        this_run.update(finished_at=_now(), ok=0, error=0, shards=0)
+        store.write_run(record)
         print(f"nothing to do: all {manifest.num_rows} rows are already in {args.out}", file=sys.stderr)
         return 0
 
-    from jobs.ray_session import init_ray
+    from jobs.ray_session import batch_attempts, check_schedulable, init_ray
 
-    ray = init_ray()
+    ray = init_ray(schedule_timeout_s=args.schedule_timeout)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if gpus else 0.0)
+    check_schedulable(ray, num_gpus=num_gpus, num_cpus=args.cpus_per_actor)
+    store.write_run(record)
     pool = args.pool_size or (max(1, int(gpus // num_gpus)) if num_gpus else 1)
     threads = args.torch_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // pool))
-    specs = {name: registry.get(name) for name in set(todo.column("model").to_pylist())}
+    specs = {name: p.registry.get(name) for name in set(todo.column("model").to_pylist())}
     this_run.update(pool_size=pool, num_gpus_per_actor=num_gpus, ray_version=ray.__version__)
 
     # One block per actor call: small blocks spread work evenly over the pool. Continuous
@@ -263,22 +358,22 @@ def run(args) -> int:
     actor_batch = None if batch_size == "auto" else batch_size  # None: each actor fits it per model and size
     call_rows = (actor_batch or AUTO_CAP) * (CALL_ROWS_CONTINUOUS if args.batching == "continuous" else 1)
     blocks = [rows.slice(i, call_rows).to_pandas() for i in range(0, rows.num_rows, call_rows)]
+    # Ray Data replaces dead actors and retries their batches (its defaults); the run's
+    # BatchAttempts actor counts attempts per batch, so a batch that keeps killing its actor
+    # ends as error rows after --max-retries instead of looping forever.
+    attempts = batch_attempts(ray, f"diffsweep-attempts-{run_id}")
     ds = (
         ray.data.from_pandas(blocks)
         .map_batches(
             GenerateActor,
             fn_constructor_kwargs=dict(specs=specs, dtype=args.dtype, batch_size=actor_batch, torch_threads=threads,
-                                       batching=args.batching, speed=speed_options(args).as_dict()),
+                                       batching=args.batching, speed=speed_options(args).as_dict(),
+                                       attempts=f"diffsweep-attempts-{run_id}", max_attempts=args.max_retries + 1),
             batch_size=call_rows,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_gpus=num_gpus,
             num_cpus=args.cpus_per_actor,
-            # Dead actors are always replaced; a batch is retried a bounded number of times.
-            # (Passed as ray_remote_args, which Ray 2.60 marks deprecated without a named
-            # replacement for these two yet.)
-            max_restarts=-1,
-            max_task_retries=args.max_retries,
         )
         .map_batches(encode_pngs, batch_format="pandas", num_cpus=0.5)
     )
@@ -292,6 +387,7 @@ def run(args) -> int:
     def flush():
         nonlocal seq, last_flush
         if pending:
+            p.lease.check()  # never commit after another run took the directory over
             store.commit_shard(pa.concat_tables(pending), run_id, seq)
             seq += 1
             pending.clear()
@@ -309,27 +405,45 @@ def run(args) -> int:
             progress.set_postfix(errors=counts["error"], refresh=False)
             if sum(t.num_rows for t in pending) >= args.shard_rows or time.monotonic() - last_flush > args.flush_seconds:
                 flush()
-    except (Exception, KeyboardInterrupt) as e:  # unrecoverable worker failure or Ctrl-C: keep what is done
         flush()
+    except (Exception, KeyboardInterrupt) as e:  # unrecoverable failure or Ctrl-C: keep what is done
+        lost = isinstance(e, LeaseLostError)
+        if not lost:
+            try:
+                flush()
+            except LeaseLostError as le:
+                e, lost = le, True
         progress.close()
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else _one_line(e)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(e)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            reason = (f"the cluster did not start the generation actors within --schedule-timeout "
+                      f"{args.schedule_timeout:g} s (each needs {num_gpus:g} GPU, {args.cpus_per_actor:g} CPU; "
+                      f"cluster: {_resources(ray)})")
         this_run.update(failed_at=_now(), ok=counts["ok"], error=counts["error"], shards=seq, failure=reason)
+        if lost:  # the directory is another run's now: write nothing more there
+            print(f"error: generation stopped: {reason}; this run's {seq} committed shard(s) stay", file=sys.stderr)
+            return 1
         store.write_run(record)
         print(f"error: generation stopped after {len(written)} of {todo.num_rows} rows: {reason}\n"
               f"The {len(written)} finished rows are saved in {args.out}; re-run the same command to resume.",
               file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
-    flush()
     progress.close()
+    ray.kill(attempts)
     restarts = _actor_restarts()
     this_run.update(finished_at=_now(), ok=counts["ok"], error=counts["error"], shards=seq,
                     prompts_truncated=counts["truncated"], actor_restarts=restarts)
     store.write_run(record)
-    print(f"done: {counts['ok']} ok, {counts['error']} error, {n_done} already in {args.out} (skipped)"
+    print(f"done: {counts['ok']} ok, {counts['error']} error, {p.n_done} already in {args.out} (skipped)"
           + (f", {restarts} actor restart(s) (their batches were retried)" if restarts else "")
           + (f"; {counts['truncated']} prompt(s) longer than the text encoder reads were truncated" if counts["truncated"] else ""),
           file=sys.stderr)
     return 0
+
+
+def _resources(ray) -> str:
+    total = ray.cluster_resources()
+    return ", ".join(f"{k} {total.get(k, 0):g}" for k in ("CPU", "GPU"))
 
 
 def _versions() -> dict:
@@ -344,11 +458,26 @@ def _versions() -> dict:
     return out
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """The innermost cause of a (Ray-wrapped) exception, on one line."""
-    cause = getattr(e, "cause", None) or e.__cause__ or e
-    text = f"{type(cause).__name__}: {cause}"
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    text = f"{type(e).__name__}: {e}"
+    if "RayTaskError" in type(e).__name__ or "UserCodeException" in type(e).__name__:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]  # the traceback's last line is the cause
+        text = lines[-1] if lines else text
     return " ".join(text.split())[:500]
+
+
+def batch_key(sample_ids) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(map(str, sample_ids))).encode()).hexdigest()[:16]
 
 
 def _actor_restarts() -> int | None:

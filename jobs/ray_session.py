@@ -7,13 +7,21 @@ its workers can import this checkout's packages without installing them.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+from pipelines.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def init_ray():
+def init_ray(schedule_timeout_s: float | None = None):
+    """Connect (or start a local Ray) and set the Data options the jobs rely on.
+
+    `schedule_timeout_s`: an actor pool that cannot start within this long fails with
+    GetTimeoutError instead of waiting forever (Ray Data's `wait_for_min_actors_s`).
+    """
     import ray
 
     if not ray.is_initialized():
@@ -24,6 +32,37 @@ def init_ray():
                    "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
             ray.init(runtime_env={"env_vars": env}, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the jobs draw their own
+    ctx.enable_progress_bars = False  # the jobs draw their own (and Ray need not say it drew none)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # the user's exception, not Ray's "UDF failed" wrapper
+    if schedule_timeout_s:
+        ctx.wait_for_min_actors_s = int(max(1, schedule_timeout_s))
     return ray
+
+
+def check_schedulable(ray, num_gpus: float, num_cpus: float) -> None:
+    """Refuse an actor that no node of the cluster can host (e.g. --num-gpus 1 on a cluster
+    without GPUs): Ray would otherwise wait for resources that never come."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("GPU", 0) >= num_gpus and r.get("CPU", 0) >= num_cpus for r in nodes):
+        return
+    have = "; ".join(f"node {i}: {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for i, r in enumerate(nodes)) or "no live nodes"
+    flag = "--num-gpus" if num_gpus and not any(r.get("GPU", 0) >= num_gpus for r in nodes) else "--cpus-per-actor"
+    raise InputError(f"{flag}: each generation actor needs {num_gpus:g} GPU and {num_cpus:g} CPU, "
+                     f"but no node of the cluster has that ({have})")
+
+
+def batch_attempts(ray, name: str):
+    """A small named actor that counts attempts per batch across actor restarts."""
+
+    @ray.remote(num_cpus=0)
+    class BatchAttempts:
+        def __init__(self):
+            self.counts: dict[str, int] = {}
+
+        def start(self, key: str) -> int:
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return self.counts[key]
+
+    return BatchAttempts.options(name=name).remote()

@@ -1,18 +1,29 @@
 """The results directory: committed Parquet shards plus `_run.json`.
 
-Exactly-once output rests on two rules. A shard becomes visible only whole: it is
-written under a hidden staging name and renamed (an object store's PUT is already
-all-or-nothing, so there it is written in place). And a run starts by reading the
-sample_ids of every committed shard and skips them. Files starting with "." or "_"
-are ignored by pyarrow/pandas readers, so `pandas.read_parquet(out)` sees only results.
+Exactly-once output rests on three rules.
+
+- A shard becomes visible only whole: it is written in `_staging/` and renamed into place
+  (an object store's PUT is already all-or-nothing, so there it is written in place). Readers
+  of the directory (`pandas.read_parquet(out)`, a polars/duckdb glob of `out/*.parquet`) see
+  committed `part-*.parquet` shards only: everything else this project keeps there lives under
+  a name starting with "_" (`_run.json`, `_lease.json`, `_staging/`, `_quarantine/`,
+  `_features/`), which pyarrow/pandas skip and a `*.parquet` glob does not match.
+- A run starts by reading the sample_ids of every committed shard and skips them.
+- One run at a time writes a directory: it holds a lease (`_lease.json`, see lease.py) and
+  checks it before each commit.
+
+A shard that cannot be read (truncated, corrupt, another program's Parquet under our name)
+is never deleted: it is moved to `_quarantine/` and named in the run's output.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -23,6 +34,21 @@ from pipelines.manifest import filesystem_and_path
 
 RUN_FILE = "_run.json"
 SHARD_PREFIX = "part-"
+STAGING_DIR = "_staging"
+QUARANTINE_DIR = "_quarantine"
+# Shard names this project writes: part-<run id>-<seq>.parquet, run id as new_run_id() makes it.
+OWN_SHARD = re.compile(r"part-\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet")
+# Columns every results shard has; a part-*.parquet without them is another program's file.
+REQUIRED_COLUMNS = {"sample_id": pa.string(), "status": pa.string(), "image": pa.binary()}
+
+
+@dataclass
+class ShardScan:
+    """What a results directory holds, by what a reader can do with it."""
+
+    good: list[str] = field(default_factory=list)  # committed shards with the results columns
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, why) part-* files no reader can use
+    foreign: list[str] = field(default_factory=list)  # other *.parquet files at the top level
 
 
 @dataclass
@@ -39,27 +65,113 @@ class ResultStore:
     def exists(self) -> bool:
         return self.fs.get_file_info(self.root).type != pafs.FileType.NotFound
 
-    def shard_paths(self) -> list[str]:
+    def create(self) -> bool:
+        """Create the directory (InputError naming --out if that is impossible). Returns
+        whether it was created now."""
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.Directory:
+            return False
+        if info.type != pafs.FileType.NotFound:
+            raise InputError(f"--out {self.uri}: exists and is not a directory; expected a results directory")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            if self.local:  # a directory we cannot write into (read-only mount, /proc, ...)
+                probe = self._path(f".diffsweep-probe-{uuid.uuid4().hex[:8]}")
+                with open(probe, "wb"):
+                    pass
+                os.unlink(probe)
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"--out {self.uri}: cannot create a results directory there ({' '.join(str(e).split())})") from None
+        return True
+
+    def remove_if_empty(self) -> None:
+        """Undo create() when a run stops before writing anything (nothing but its lease)."""
+        if not self.local or not os.path.isdir(self.root):
+            return
+        left = [n for n in os.listdir(self.root) if n not in ("_lease.json", STAGING_DIR)]
+        if not left:
+            import shutil
+
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _top_files(self) -> list:
         if not self.exists():
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
-        return sorted(
-            i.path for i in infos
-            if i.type == pafs.FileType.File and i.base_name.startswith(SHARD_PREFIX) and i.base_name.endswith(".parquet")
-        )
+        return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
-    def done_ids(self) -> set[str]:
-        """sample_ids already committed (status ok or error)."""
+    def shard_paths(self) -> list[str]:
+        """Committed shards by name (part-*.parquet at the top level), readable or not."""
+        return [i.path for i in self._top_files()
+                if i.base_name.startswith(SHARD_PREFIX) and i.base_name.endswith(".parquet")]
+
+    def scan(self) -> ShardScan:
+        """Sort the directory's Parquet files into readable shards, unreadable ones and foreign
+        files, from each file's footer (cheap: no data pages are read)."""
+        out = ShardScan()
+        for info in self._top_files():
+            name = info.base_name
+            if not name.endswith(".parquet"):
+                continue
+            if not name.startswith(SHARD_PREFIX):
+                out.foreign.append(info.path)
+                continue
+            why = self._shard_problem(info.path)
+            (out.bad.append((info.path, why)) if why else out.good.append(info.path))
+        return out
+
+    def _shard_problem(self, path: str) -> str | None:
+        try:
+            schema = pq.read_schema(path, filesystem=self.fs)
+        except (OSError, pa.ArrowException) as e:
+            return f"unreadable ({' '.join(str(e).split())[:120]})"
+        for col, typ in REQUIRED_COLUMNS.items():
+            if col not in schema.names:
+                return f"not a results shard (no {col!r} column)"
+            if not schema.field(col).type.equals(typ) and not (typ == pa.string() and schema.field(col).type == pa.large_string()):
+                return f"not a results shard (column {col!r} is {schema.field(col).type}, expected {typ})"
+        return None
+
+    def quarantine(self, paths: list[str]) -> list[str]:
+        """Move files aside into _quarantine/ (never delete them). Returns their new paths."""
+        moved = []
+        if paths:
+            self.fs.create_dir(self._path(QUARANTINE_DIR), recursive=True)
+        for path in paths:
+            name = path.rsplit("/", 1)[-1]
+            target = self._path(f"{QUARANTINE_DIR}/{name}")
+            if self.fs.get_file_info(target).type != pafs.FileType.NotFound:
+                target = self._path(f"{QUARANTINE_DIR}/{uuid.uuid4().hex[:8]}-{name}")
+            self.fs.move(path, target)
+            moved.append(target)
+        return moved
+
+    def done_ids(self, paths: list[str] | None = None) -> set[str]:
+        """sample_ids already committed (status ok or error) in `paths` (default: every shard).
+        Raises OSError/ArrowException naming the shard if one cannot be read."""
         ids: set[str] = set()
-        for path in self.shard_paths():
+        for path in self.shard_paths() if paths is None else paths:
             ids.update(pq.read_table(path, columns=["sample_id"], filesystem=self.fs).column(0).to_pylist())
         return ids
+
+    def read_committed(self) -> tuple[set[str], list[tuple[str, str]]]:
+        """The committed sample_ids, and the shards that could not be read for them
+        (path, why); those are left where they are for the caller to set aside."""
+        scan = self.scan()
+        ids: set[str] = set()
+        bad = list(scan.bad)
+        for path in scan.good:
+            try:
+                ids.update(self.done_ids([path]))
+            except (OSError, pa.ArrowException) as e:
+                bad.append((path, f"unreadable ({' '.join(str(e).split())[:120]})"))
+        return ids, bad
 
     def drop_errors(self) -> int:
         """Remove status="error" rows from committed shards (each shard rewritten atomically),
         so the next run generates them again. Returns how many were removed."""
         removed = 0
-        for path in self.shard_paths():
+        for path in self.scan().good:
             status = pq.read_table(path, columns=["status"], filesystem=self.fs).column(0)
             n_err = sum(1 for s in status.to_pylist() if s != "ok")
             if not n_err:
@@ -67,11 +179,7 @@ class ResultStore:
             table = pq.read_table(path, filesystem=self.fs)
             kept = table.filter(pa.array([s == "ok" for s in table.column("status").to_pylist()]))
             if kept.num_rows:
-                name = path.rsplit("/", 1)[-1]
-                staging = self._path(f".staging-{name}") if self.local else path
-                pq.write_table(kept, staging, filesystem=self.fs)
-                if staging != path:
-                    self.fs.move(staging, path)
+                self._write_table(kept, path.rsplit("/", 1)[-1])
             else:
                 self.fs.delete_file(path)
             removed += n_err
@@ -82,7 +190,14 @@ class ResultStore:
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
         with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+            data = f.read()
+        try:
+            record = json.loads(data.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"--out {self.uri}: {RUN_FILE} is not valid JSON ({e}); move it aside to start over") from None
+        if not isinstance(record, dict):
+            raise InputError(f"--out {self.uri}: {RUN_FILE} is not a diffsweep run record (a JSON object)")
+        return record
 
     def write_run(self, record: dict) -> None:
         self._write_bytes(RUN_FILE, json.dumps(record, indent=2, default=str).encode())
@@ -97,8 +212,15 @@ class ResultStore:
         previous = self.read_run()
         shards = self.shard_paths()
         if overwrite:
+            if previous is None and shards:
+                raise InputError(
+                    f"--out {self.uri}: --overwrite refused: it holds {len(shards)} part-*.parquet file(s) but no "
+                    f"{RUN_FILE}, so diffsweep did not write them (e.g. {shards[0].rsplit('/', 1)[-1]}); "
+                    "use another --out or remove them yourself"
+                )
             for p in shards:
-                self.fs.delete_file(p)
+                if OWN_SHARD.fullmatch(p.rsplit("/", 1)[-1]):
+                    self.fs.delete_file(p)
             if previous is not None:
                 self.fs.delete_file(self._path(RUN_FILE))
             return None
@@ -115,19 +237,29 @@ class ResultStore:
         return previous
 
     def remove_staging(self) -> None:
-        """Delete half-written shards left by a run that died mid-write."""
+        """Delete half-written shards left by a run that died mid-write (only this project's
+        staging folder, and the hidden staging names older versions used)."""
         if not self.exists():
             return
-        for i in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
+        staging = self._path(STAGING_DIR)
+        if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
+            self.fs.delete_dir_contents(staging)
+        for i in self._top_files():
             if i.base_name.startswith(".staging-"):
                 self.fs.delete_file(i.path)
 
     def commit_shard(self, table: pa.Table, run_id: str, seq: int) -> str:
         """Write one shard atomically; returns its path."""
-        name = f"{SHARD_PREFIX}{run_id}-{seq:05d}.parquet"
+        return self._write_table(table, f"{SHARD_PREFIX}{run_id}-{seq:05d}.parquet")
+
+    def _staging_path(self, name: str) -> str:
+        self.fs.create_dir(self._path(STAGING_DIR), recursive=True)
+        return self._path(f"{STAGING_DIR}/{uuid.uuid4().hex[:8]}-{name}")
+
+    def _write_table(self, table: pa.Table, name: str) -> str:
         final = self._path(name)
         if self.local:
-            staging = self._path(f".staging-{name}")
+            staging = self._staging_path(name)
             pq.write_table(table, staging, filesystem=self.fs)
             self.fs.move(staging, final)
         else:
@@ -136,11 +268,28 @@ class ResultStore:
 
     def _write_bytes(self, name: str, data: bytes) -> None:
         path = self._path(name)
-        staging = self._path(f".staging-{name}") if self.local else path
+        staging = self._staging_path(name) if self.local else path
         with self.fs.open_output_stream(staging) as f:
             f.write(data)
         if staging != path:
             self.fs.move(staging, path)
+
+
+def check_out_location(store: ResultStore, manifest_uri: str) -> None:
+    """Refuse an --out that would mix results with the manifest: the directory holding the
+    manifest (its Parquet would sit among the shards, and the next run would read the shards
+    as manifest files), or a directory inside a manifest directory."""
+    if not store.local or "://" in manifest_uri:
+        out, man = store.uri.rstrip("/"), manifest_uri.rstrip("/")
+    else:
+        out, man = os.path.realpath(store.root), os.path.realpath(manifest_uri)
+    man_is_dir = os.path.isdir(man) if "://" not in man else not man.endswith(".parquet")
+    inside = man == out or man.startswith(out.rstrip("/") + "/")
+    if inside or (man_is_dir and out.startswith(man.rstrip("/") + "/")):
+        raise InputError(
+            f"--out {store.uri}: {'contains' if inside else 'is inside'} the manifest {manifest_uri}; "
+            "results go to a directory of their own (e.g. --out results/), so that re-running the same command "
+            "resumes and readers of the results see only results")
 
 
 def new_run_id() -> str:
