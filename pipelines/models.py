@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import yaml
-
 from pipelines.errors import InputError
+from pipelines.safe_yaml import describe, load_yaml, one_line, short_repr
 from pipelines.schedulers import SCHEDULERS, check_scheduler
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded" / "model"
@@ -106,7 +106,39 @@ class ModelRegistry:
 
 
 _SPEC_FIELDS = {f.name for f in fields(ModelSpec)}
-_REQUIRED = ("source",)
+_FULL_KEYS = ("source", "scheduler", "steps", "guidance", "height", "width")  # without 'base:'
+_MAX_PROBLEMS = 20
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _text(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+# key -> (accepts the value?, what is expected); every ModelSpec field but 'name' (the mapping key)
+_FIELD_TYPES: dict[str, tuple] = {
+    "source": (_text, "a non-empty string: a hub id (org/repo), a local diffusers directory or builtin:tiny-random"),
+    "scheduler": (_text, "a scheduler name (" + ", ".join(SCHEDULERS) + ")"),
+    "steps": (_positive_int, "a positive integer"),
+    "guidance": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                 "a finite number >= 0"),
+    "height": (_positive_int, "a positive integer"),
+    "width": (_positive_int, "a positive integer"),
+    "pipeline": (lambda v: _text(v) and v.isidentifier() or v == "auto",
+                 "a diffusers pipeline class name (e.g. StableDiffusionPipeline) or auto"),
+    "family": (lambda v: v in ("eps", "flow") and isinstance(v, str), "'eps' (DDPM-trained) or 'flow' (flow matching)"),
+    "size_factor": (_positive_int, "a positive integer"),
+    "max_prompt_tokens": (_positive_int, "a positive integer"),
+    "gpu_dtype": (lambda v: isinstance(v, str) and v in ("float16", "bfloat16", "float32"),
+                  "float16, bfloat16 or float32"),
+    "variant": (lambda v: v is None or _text(v), "a weight variant name (e.g. fp16) or null"),
+    "revision": (lambda v: v is None or _text(v), "a hub revision (branch, tag or commit) or null"),
+}
+assert set(_FIELD_TYPES) == _SPEC_FIELDS - {"name"}
+_ALLOWED_KEYS = ["base", *_FIELD_TYPES]
 
 
 def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
@@ -115,66 +147,81 @@ def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
         models:
           my-sd15:
             source: /models/sd15          # or a hub id: org/repo
-            base: sd15                    # optional: inherit defaults of a registered model
+            base: sd15                    # optional: inherit defaults of a built-in model
             steps: 30                     # any ModelSpec field overrides
-    Every problem is reported with the model name and key.
+    Other top-level keys are ignored (a place for YAML anchors: `defaults: &d {...}`, then
+    `<<: *d` in an entry). Every value is type-checked; every problem is reported (up to
+    20) in one line naming the file, the model, the key, the value and what is expected.
     """
     try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ModelConfigError(f"--models: file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ModelConfigError(f"--models: {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        doc = load_yaml(path, "--models")
+    except InputError as e:
+        raise ModelConfigError(str(e)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
-        raise ModelConfigError(f"--models: {path} must be a mapping with a 'models:' mapping of name -> settings")
+        got = f"'models': {describe(doc.get('models'))}" if isinstance(doc, dict) else describe(doc)
+        raise ModelConfigError(f"--models {path}: expected a mapping with a 'models:' mapping of name -> settings, "
+                               f"got {got}")
     out: dict[str, ModelSpec] = {}
-    problems = []
+    problems: list[str] = []
     for name, entry in doc["models"].items():
-        where = f"--models {path}: model {name!r}"
+        if not _text(name):
+            problems.append(f"model name {describe(name)}: expected a non-empty string")
+            continue
+        where = f"model {name!r}"
         if not isinstance(entry, dict):
-            problems.append(f"{where}: expected a mapping of settings, got {type(entry).__name__}")
+            problems.append(f"{where}: got {describe(entry)}; expected a mapping of settings")
+            continue
+        mine = _entry_problems(entry)
+        if mine:
+            problems += [f"{where}, {p}" for p in mine]
             continue
         entry = dict(entry)
-        base_name = entry.pop("base", None)
-        base = BUILTIN_MODELS.get(base_name) if base_name else None
-        if base_name and base is None:
-            problems.append(f"{where}: base {base_name!r} is not a built-in model ({', '.join(BUILTIN_MODELS)})")
-            continue
-        unknown = sorted(set(entry) - _SPEC_FIELDS)
-        if unknown:
-            problems.append(f"{where}: unknown keys {unknown}; allowed: {sorted(_SPEC_FIELDS - {'name'})}")
-            continue
-        if base is None and any(k not in entry for k in ("source", "scheduler", "steps", "guidance", "height", "width")):
-            missing = [k for k in ("source", "scheduler", "steps", "guidance", "height", "width") if k not in entry]
-            problems.append(f"{where}: missing keys {missing} (or give 'base: <built-in model>')")
-            continue
+        base = BUILTIN_MODELS.get(entry.pop("base", None))
+        if "guidance" in entry:
+            entry["guidance"] = float(entry["guidance"])
         spec = replace(base, name=name, **entry) if base else ModelSpec(name=name, **entry)
-        problems += [f"{where}: {p}" for p in _spec_problems(spec)]
+        problems += [f"{where}, {p}" for p in _spec_problems(spec)]
         out[name] = spec
     if problems:
-        raise ModelConfigError("; ".join(problems))
+        shown = "; ".join(problems[:_MAX_PROBLEMS])
+        more = f"; ... and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
+        raise ModelConfigError(f"--models {path}: {len(problems)} problem(s): {shown}{more}")
     return out
 
 
+def _entry_problems(entry: dict) -> list[str]:
+    """Key and type problems of one model's settings, before any ModelSpec is built."""
+    problems = []
+    for key, value in entry.items():
+        if key == "name":
+            problems.append("key 'name': not allowed; a model's name is its key under 'models:'")
+        elif key == "base":
+            if not isinstance(value, str) or value not in BUILTIN_MODELS:
+                problems.append(f"key 'base': got {describe(value)}; expected a built-in model "
+                                f"({', '.join(BUILTIN_MODELS)})")
+        elif not isinstance(key, str) or key not in _FIELD_TYPES:
+            problems.append(f"key {short_repr(key)}: unknown; allowed keys: {', '.join(_ALLOWED_KEYS)}")
+        else:
+            accepts, expected = _FIELD_TYPES[key]
+            if not accepts(value):
+                problems.append(f"key {key!r}: got {describe(value)}; expected {expected}")
+    if "base" not in entry:
+        missing = [k for k in _FULL_KEYS if k not in entry]
+        if missing:
+            problems.append(f"missing keys {missing} (or give 'base: <built-in model>' to inherit them)")
+    return problems
+
+
 def _spec_problems(spec: ModelSpec) -> list[str]:
+    """Problems between keys, once every value has the right type."""
     problems = []
     if spec.source.startswith(BUILTIN_PREFIX) and spec.source[len(BUILTIN_PREFIX):] != "tiny-random":
-        problems.append(f"source {spec.source!r}: the only builtin source is 'builtin:tiny-random'")
-    if spec.family not in ("eps", "flow"):
-        problems.append(f"family {spec.family!r}: expected 'eps' or 'flow'")
-    elif spec.scheduler not in SCHEDULERS or SCHEDULERS[spec.scheduler].family != spec.family:
+        problems.append(f"key 'source': got {spec.source!r}; the only builtin source is 'builtin:tiny-random'")
+    if spec.scheduler not in SCHEDULERS or SCHEDULERS[spec.scheduler].family != spec.family:
         try:
             check_scheduler(spec.scheduler, spec.family)
         except ValueError as e:
-            problems.append(f"scheduler: {e}")
-    for key in ("steps", "height", "width", "size_factor", "max_prompt_tokens"):
-        v = getattr(spec, key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            problems.append(f"{key} {v!r}: expected a positive integer")
-    if not isinstance(spec.guidance, (int, float)) or spec.guidance < 0:
-        problems.append(f"guidance {spec.guidance!r}: expected a number >= 0")
-    if spec.gpu_dtype not in ("float16", "bfloat16", "float32"):
-        problems.append(f"gpu_dtype {spec.gpu_dtype!r}: expected float16, bfloat16 or float32")
+            problems.append(f"key 'scheduler': {one_line(str(e))}")
     return problems
 
 
@@ -241,18 +288,27 @@ def _module_digest(pipe) -> str:
 
 
 def check_available(spec: ModelSpec) -> None:
-    """Fail on the driver, before any worker starts, when weights certainly cannot be found:
-    a missing local directory, or (offline) a hub model absent from the cache."""
+    """Fail on the driver, before any worker starts, when a model certainly cannot load:
+    a `pipeline:` class diffusers does not have; a missing local directory, or one whose
+    model_index.json or component config.json does not parse, names a component folder
+    that is missing, or has a component without safetensors weights; pickled weights;
+    (offline) a hub model absent from the cache. Each names the model, the file and the cause."""
     if spec.source.startswith(BUILTIN_PREFIX):
         return
     local = Path(spec.source).expanduser()
     if local.is_dir():
-        if not (local / "model_index.json").is_file():
+        index_path = local / "model_index.json"
+        if not index_path.is_file():
             raise ModelNotFoundError(
                 f"model {spec.name!r}: {local} has no model_index.json; 'source' must be a diffusers model "
                 "directory (as written by save_pretrained)"
             )
+        index = _read_json(spec, index_path)
+        if not isinstance(index, dict):
+            raise ModelConfigError(f"model {spec.name!r}: {index_path}: expected a JSON object, got {type(index).__name__}")
+        _pipeline_class(spec, index, index_path)
         _refuse_pickles(local, spec.name)
+        _check_components(spec, local, index)
         return
     if spec.source.startswith(("/", ".", "~")) or spec.name == "embedded":
         raise ModelNotFoundError(
@@ -260,6 +316,7 @@ def check_available(spec: ModelSpec) -> None:
             + ("; the embedded model ships with diffsweep: reinstall it or run jobs/train_embedded.py"
                if spec.name == "embedded" else "; point 'source' in your --models YAML at a diffusers model directory")
         )
+    _pipeline_class(spec)
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         from huggingface_hub import try_to_load_from_cache
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -271,6 +328,82 @@ def check_available(spec: ModelSpec) -> None:
                 "and HF_HUB_OFFLINE is set. Download it where the Hub is reachable (huggingface-cli download "
                 f"{spec.source}), or write a models YAML with 'source: /path/to/local/copy' and pass --models FILE"
             )
+
+
+def _pipeline_class(spec: ModelSpec, index: dict | None = None, index_path: Path | None = None):
+    """The diffusers class that loads `spec` (AutoPipelineForText2Image for 'auto'); with 'auto' and a
+    local model_index.json, also checks that diffusers has the class that file names."""
+    import diffusers
+
+    def lookup(name: str):
+        try:
+            cls = getattr(diffusers, name, None)
+        except Exception as e:  # an optional dependency of that pipeline is missing
+            raise ModelConfigError(f"model {spec.name!r}: diffusers pipeline class {name!r} cannot be imported: "
+                                   f"{one_line(str(e), 160)}") from None
+        if isinstance(cls, type) and (issubclass(cls, diffusers.DiffusionPipeline) or name.startswith("AutoPipeline")):
+            return cls
+        return None
+
+    def unknown(name: str, where: str):
+        import difflib
+
+        close = difflib.get_close_matches(name, [n for n in dir(diffusers) if n.endswith("Pipeline")], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see diffusers' pipeline classes, or use 'auto'"
+        return ModelConfigError(f"model {spec.name!r}: {where} {name!r}: diffusers {diffusers.__version__} has no "
+                                f"pipeline class of that name{hint}")
+
+    if spec.pipeline != "auto":
+        cls = lookup(spec.pipeline)
+        if cls is None:
+            raise unknown(spec.pipeline, "key 'pipeline'")
+        return cls
+    named = (index or {}).get("_class_name")
+    if named is not None:
+        if not isinstance(named, str) or lookup(named) is None:
+            raise unknown(str(named), f"{index_path} names _class_name")
+    return diffusers.AutoPipelineForText2Image
+
+
+_NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "Scheduler", "Processor", "FeatureExtractor")  # class-name endings
+_NEVER_LOADED = {"safety_checker"}  # _from_pretrained passes safety_checker=None
+
+
+def _read_json(spec: ModelSpec, path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelConfigError(f"model {spec.name!r}: {path} is not valid JSON: {one_line(str(e), 160)}") from None
+    except OSError as e:
+        raise ModelNotFoundError(f"model {spec.name!r}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_components(spec: ModelSpec, local: Path, index: dict) -> None:
+    """Every component model_index.json names has its folder; a model component (a folder with
+    a config.json) has a config that parses and safetensors weights."""
+    missing, unweighted = [], []
+    for comp, value in index.items():
+        if comp.startswith("_") or comp in _NEVER_LOADED or not isinstance(value, list) or len(value) != 2:
+            continue
+        library, class_name = value
+        if library is None or class_name is None:
+            continue  # an absent optional component
+        folder = local / comp
+        if not folder.is_dir():
+            missing.append(f"{comp}/ ({library} {class_name})")
+            continue
+        for config_name in ("config.json", "scheduler_config.json"):
+            if (folder / config_name).is_file():
+                _read_json(spec, folder / config_name)
+        weights_expected = (folder / "config.json").is_file() and not str(class_name).endswith(_NO_WEIGHTS)
+        if weights_expected and not any(folder.glob("*.safetensors")):
+            unweighted.append(f"{comp}/")
+    if missing:
+        raise ModelNotFoundError(f"model {spec.name!r}: {local / 'model_index.json'} names components whose folders "
+                                 f"are missing in {local}: {', '.join(missing)}")
+    if unweighted:
+        raise ModelNotFoundError(f"model {spec.name!r}: component folder(s) {', '.join(unweighted)} in {local} have a "
+                                 "config.json but no *.safetensors weights (diffsweep loads safetensors only)")
 
 
 def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
@@ -304,17 +437,21 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto") -> Loa
     )
 
 
-def _from_pretrained(spec: ModelSpec, torch_dtype):
+def _dtype_kwarg() -> str:
+    """diffusers 0.42 takes `dtype=` and warns that `torch_dtype=` is deprecated; older ones take only torch_dtype."""
     import diffusers
+    from packaging.version import Version
 
-    cls = diffusers.AutoPipelineForText2Image if spec.pipeline == "auto" else getattr(diffusers, spec.pipeline, None)
-    if cls is None:
-        raise ModelConfigError(f"model {spec.name!r}: diffusers has no pipeline class {spec.pipeline!r}")
-    check_available(spec)  # missing directory, pickled weights, offline cache miss
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+def _from_pretrained(spec: ModelSpec, torch_dtype):
+    check_available(spec)  # unknown pipeline class, missing/damaged directory, pickled weights, offline cache miss
+    cls = _pipeline_class(spec)
     local = Path(spec.source).expanduser()
     is_local = local.is_dir()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True, local_files_only=offline or is_local)
+    kwargs = {_dtype_kwarg(): torch_dtype, "use_safetensors": True, "local_files_only": offline or is_local}
     if spec.variant and not is_local:
         kwargs["variant"] = spec.variant
     if spec.revision:
