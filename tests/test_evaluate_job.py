@@ -91,9 +91,39 @@ def test_bad_input_exits_2_with_a_clear_message(evaluated, capsys, change, expec
     assert expected in err and len(err.splitlines()) == 1
 
 
-def test_not_a_results_directory(tmp_path, capsys):
-    assert eval_job.main([str(tmp_path), "--reference", "x.npz"]) == 2
-    assert "not a results directory" in capsys.readouterr().err
+@pytest.mark.parametrize("what", ["empty directory", "no such directory"])
+def test_not_a_results_directory(tmp_path, capsys, what):
+    results = tmp_path / "results"
+    if what == "empty directory":
+        results.mkdir()
+    assert eval_job.main([str(results), "--reference", "x.npz"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: RESULTS {results}: not a results directory") and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["results"] if what == "empty directory" else [])
+
+
+def test_out_that_is_a_file_is_refused(evaluated, tmp_path, capsys):
+    _, _, args = evaluated
+    out = tmp_path / "report.txt"
+    out.write_text("mine")
+    assert eval_job.main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: exists and is not a directory") and len(err.splitlines()) == 1
+    assert out.read_text() == "mine"
+
+
+def test_a_report_written_inside_results_by_an_older_version_is_named(evaluated, tmp_path, capsys):
+    """Such a report makes pandas.read_parquet(RESULTS) fail; evaluation says so and leaves it."""
+    tmp, results, args = evaluated
+    legacy = tmp_path / "results"
+    shutil.copytree(results, legacy)
+    shutil.copytree(tmp / "report", legacy / "report")
+    out = tmp_path / "new-report"
+    assert eval_job.main([str(legacy)] + args[1:-5] + ["--out", str(out), "--n-boot", "10", "--no-progress"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if f"{legacy / 'report'} is a report" in line]
+    assert len(warning) == 1 and "move it out of RESULTS" in warning[0]
+    assert (legacy / "report" / "metrics.parquet").is_file() and (out / "metrics.parquet").is_file()
 
 
 def test_evaluation_imports_neither_diffusers_nor_ray_until_it_needs_ray():
