@@ -278,8 +278,11 @@ def plan(args) -> Plan:
             print(f"warning: --out {args.out}: took over the lease of {taken_over.describe(time.time())} "
                   "(that run is gone)", file=sys.stderr)
         previous = store.prepare(digest, args.overwrite)
-        done, bad = store.read_committed() if previous is not None else (set(), [])
         scan = store.scan()
+        if previous is not None:
+            done, bad = store.read_committed()
+        else:  # a fresh start (--overwrite kept what diffsweep did not write): nothing there is this manifest's
+            done, bad = set(), scan.bad + [(path, "left by --overwrite: not written by diffsweep") for path in scan.good]
         moved = store.quarantine([p for p, _ in bad] + scan.foreign)
         why = dict(bad)
         for src, dst in zip([p for p, _ in bad] + scan.foreign, moved):
@@ -407,6 +410,7 @@ def _run(args, p: Plan) -> int:
                 flush()
         flush()
     except (Exception, KeyboardInterrupt) as e:  # unrecoverable failure or Ctrl-C: keep what is done
+        ray.kill(attempts)
         lost = isinstance(e, LeaseLostError)
         if not lost:
             try:

@@ -44,3 +44,40 @@ def tiny_model():
 def write_parquet(path: Path, rows) -> Path:
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path
+
+
+def wait_for(predicate, timeout, what):
+    """Poll for an event (a committed shard, a live actor), failing with what was awaited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class JobThread:
+    """jobs/generate.py's main() in a thread of this process (on the session's Ray), joined
+    even when the test fails, so no job is left running on the shared Ray."""
+
+    def __init__(self, args):
+        import threading
+
+        from jobs import generate as gen_job
+
+        self.result = {}
+        self.thread = threading.Thread(target=lambda: self.result.setdefault("rc", gen_job.main(args)), daemon=True)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join(timeout=900)
+        assert not self.thread.is_alive(), "the job did not finish within 900 s"
+        return False

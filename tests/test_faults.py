@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from jobs import generate as gen_job
-from tests.conftest import ROOT, write_parquet
+from tests.conftest import ROOT, JobThread, wait_for, write_parquet
 
 
 def manifest(tmp_path, n, steps=4, name="m.parquet", model="tiny-random"):
@@ -34,29 +34,18 @@ def actor_pids():
     return [int(line.split()[0]) for line in ps.splitlines() if "MapBatches(GenerateActor)" in line]
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_actor_killed_mid_job_is_replaced_and_every_row_finishes(tmp_path, ray_local):
     path, rows = manifest(tmp_path, 40, steps=40)
     out = tmp_path / "out"
-    result = {}
     args = [str(path), "--out", str(out), "--batch-size", "1", "--shard-rows", "1", "--no-progress"]
-    job = threading.Thread(target=lambda: result.setdefault("rc", gen_job.main(args)))
-    job.start()
-    wait_for(lambda: len(shards(out)) >= 1 and actor_pids(), 300, "a first committed shard")
-    killed = actor_pids()
-    for pid in killed:
-        os.kill(pid, signal.SIGKILL)
-    assert job.is_alive(), "the job should still have rows to do when its actor is killed"
-    job.join(timeout=600)
-    assert result.get("rc") == 0
+    with JobThread(args) as job:
+        wait_for(lambda: len(shards(out)) >= 1 and actor_pids() or not job.alive(), 600,
+                 "a first committed shard and a live generation actor")
+        killed = actor_pids()
+        assert killed and len(shards(out)) < 40, "the job should still have rows to do when its actor is killed"
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+    assert job.result.get("rc") == 0
     df = pd.read_parquet(out)
     assert len(df) == 40 and df.sample_id.is_unique and (df.status == "ok").all()
     workers_after = {int(w.split(":")[1]) for w in df.worker}
@@ -64,8 +53,8 @@ def test_actor_killed_mid_job_is_replaced_and_every_row_finishes(tmp_path, ray_l
 
 
 def test_driver_killed_three_times_then_resumed_gives_each_row_once(tmp_path, ray_local):
-    # 40 steps: a batch takes a noticeable fraction of a second even on an idle machine, so a kill
-    # ~0.5 s after a shard lands mid-run (at 6 steps an idle CI run finished before the kill).
+    # Each attempt is killed as soon as it has committed a shard of its own (plus up to 0.3 s,
+    # so some kills land mid-write): 3 attempts commit a few of the 20 shards, never all.
     path, rows = manifest(tmp_path, 40, steps=40)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
@@ -74,21 +63,23 @@ def test_driver_killed_three_times_then_resumed_gives_each_row_once(tmp_path, ra
     rng = random.Random(0)
     for attempt in range(3):
         before = len(shards(out))
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: len(shards(out)) > before or proc.poll() is not None, 300, "progress")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: len(shards(out)) > before or proc.poll() is not None, 600, f"attempt {attempt}'s first shard")
+        assert proc.poll() is None, f"attempt {attempt} ended by itself: {proc.communicate()[1][-2000:]}"
         time.sleep(rng.uniform(0, 0.3))  # somewhere in the middle of the next shard
         proc.kill()
-        proc.wait()
-    done_before_final = len(pd.read_parquet(out)) if shards(out) else 0
+        proc.communicate()
+    done_before_final = len(pd.read_parquet(out))
     assert 0 < done_before_final < 40, "kills should land mid-run"
-    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stderr[-2000:]
     df = pd.read_parquet(out)
     expected = pd.read_parquet(path)
     assert len(df) == 40 and df.sample_id.is_unique
     assert sorted(df.seed) == sorted(expected.seed)
     assert (df.status == "ok").all()
-    assert not list(out.glob(".staging-*"))
+    assert not list(out.glob(".staging-*")) and not list((out / "_staging").glob("*"))
+    assert not (out / "_lease.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -140,19 +131,29 @@ def test_pickled_weights_are_refused_before_any_worker_starts(tmp_path, broken_m
 
 
 def test_ctrl_c_commits_finished_rows_and_says_how_to_resume(tmp_path, ray_local):
-    path, rows = manifest(tmp_path, 40, steps=40)  # ~0.7 s a batch: 20 batches outlast the 15 s below
+    path, rows = manifest(tmp_path, 40, steps=40)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "jobs" / "generate.py"), str(path), "--out", str(out),
-           "--batch-size", "2", "--shard-rows", "100", "--flush-seconds", "3600", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: actor_pids(), 300, "the generation actor")
-    time.sleep(15)  # some batches finish, none committed yet (shards of 100 rows, no timed flush)
-    assert not shards(out)
+           "--batch-size", "2", "--shard-rows", "100", "--flush-seconds", "3600"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err_chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
+    reader.start()
+
+    def images_done() -> int:  # from the progress bar: "generate:  10%|...| 4/40"
+        counts = re.findall(rb"(\d+)/40", b"".join(err_chunks))
+        return int(counts[-1]) if counts else 0
+
+    # some batches finish, none is committed yet (shards of 100 rows, no timed flush)
+    wait_for(lambda: images_done() >= 4 or proc.poll() is not None, 600, "4 finished images")
+    assert proc.poll() is None and not shards(out)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=300)
+    reader.join(timeout=60)
+    err = b"".join(err_chunks).decode(errors="replace")
     assert proc.returncode == 130, err[-2000:]
     assert "re-run the same command to resume" in err
     finished = int(re.search(r"stopped after (\d+) of 40 rows", err).group(1))
     done = pd.read_parquet(out) if shards(out) else pd.DataFrame({"sample_id": []})
-    assert len(done) == finished < 40 and done.sample_id.is_unique
+    assert len(done) == finished < 40 and finished >= 4 and done.sample_id.is_unique

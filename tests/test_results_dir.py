@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pandas as pd
@@ -17,7 +16,7 @@ import pytest
 from jobs import generate as gen_job
 from pipelines.lease import LEASE_FILE
 from pipelines.results import QUARANTINE_DIR, ResultStore
-from tests.conftest import ROOT, write_parquet
+from tests.conftest import ROOT, JobThread, wait_for, write_parquet
 
 
 def manifest(path, n, steps=2, seed0=0):
@@ -34,15 +33,6 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def main_rc(argv) -> int:
@@ -176,18 +166,15 @@ def test_a_dead_process_on_this_host_frees_its_lease_at_once(tmp_path, ray_local
 def test_a_run_that_loses_its_lease_commits_nothing_more(tmp_path, ray_local, capsys):
     path = manifest(tmp_path / "m.parquet", 30, steps=30)
     out = tmp_path / "out"
-    result = {}
     args = [str(path), "--out", str(out), "--batch-size", "1", "--shard-rows", "1", "--no-progress"]
-    job = threading.Thread(target=lambda: result.setdefault("rc", gen_job.main(args)))
-    job.start()
-    wait_for(lambda: len(shards(out)) >= 1, 300, "a first committed shard")
-    now = time.time()
-    intruder = dict(run_id="20261201T000000-fedcba", host="other-host", pid=1, started_at=now, heartbeat_at=now + 3600,
-                    ttl_s=120.0)
-    (out / LEASE_FILE).write_text(json.dumps(intruder))
-    n_at_takeover = len(shards(out))
-    job.join(timeout=600)
-    assert result.get("rc") == 1
+    with JobThread(args) as job:
+        wait_for(lambda: len(shards(out)) >= 1 or not job.alive(), 600, "a first committed shard")
+        now = time.time()
+        intruder = dict(run_id="20261201T000000-fedcba", host="other-host", pid=1, started_at=now,
+                        heartbeat_at=now + 3600, ttl_s=120.0)
+        (out / LEASE_FILE).write_text(json.dumps(intruder))
+        n_at_takeover = len(shards(out))
+    assert job.result.get("rc") == 1
     assert "lost its lease" in capsys.readouterr().err
     assert len(shards(out)) <= n_at_takeover + 1  # at most the commit that was already past its check
     assert json.loads((out / LEASE_FILE).read_text()) == intruder  # the new holder's lease is left alone
@@ -202,20 +189,17 @@ def test_pandas_polars_and_duckdb_read_the_directory_during_and_after_a_live_run
     duckdb = pytest.importorskip("duckdb")
     path = manifest(tmp_path / "m.parquet", 16, steps=6)
     out = tmp_path / "out"
-    result = {}
     args = [str(path), "--out", str(out), "--batch-size", "1", "--shard-rows", "1", "--no-progress"]
-    job = threading.Thread(target=lambda: result.setdefault("rc", gen_job.main(args)))
-    job.start()
-    wait_for(lambda: len(shards(out)) >= 1, 300, "a first committed shard")
-    reads = 0
-    while job.is_alive() or reads == 0:
-        n_pd = len(pd.read_parquet(out))
-        n_pl = polars.read_parquet(f"{out}/*.parquet").height
-        n_db = duckdb.sql(f"SELECT count(*) FROM '{out}/*.parquet'").fetchall()[0][0]
-        assert min(n_pd, n_pl, n_db) >= 1
-        reads += 1
-    job.join()
-    assert result["rc"] == 0
+    with JobThread(args) as job:
+        wait_for(lambda: len(shards(out)) >= 1 or not job.alive(), 600, "a first committed shard")
+        reads = 0
+        while job.alive() or reads == 0:
+            n_pd = len(pd.read_parquet(out))
+            n_pl = polars.read_parquet(f"{out}/*.parquet").height
+            n_db = duckdb.sql(f"SELECT count(*) FROM '{out}/*.parquet'").fetchall()[0][0]
+            assert min(n_pd, n_pl, n_db) >= 1
+            reads += 1
+    assert job.result["rc"] == 0
     assert len(pd.read_parquet(out)) == polars.read_parquet(f"{out}/*.parquet").height == 16
     assert duckdb.sql(f"SELECT count(DISTINCT sample_id) FROM '{out}/*.parquet'").fetchall()[0][0] == 16
     assert not list(out.glob("*.parquet.*")) and not list(out.glob(".*"))
@@ -281,7 +265,9 @@ def test_overwrite_deletes_only_what_diffsweep_wrote(tmp_path, ray_local, capsys
     keep = out / "part-keep.parquet"  # a user's file under our prefix, in a directory we wrote
     pd.read_parquet(ours[0]).to_parquet(keep)
     assert gen_job.main([str(path), "--out", str(out), "--overwrite", "--no-progress"]) == 0
-    assert keep.exists() and not any(p.exists() for p in ours)
+    assert not any(p.exists() for p in ours)
+    assert not keep.exists() and (out / QUARANTINE_DIR / "part-keep.parquet").exists()  # set aside, not deleted
+    assert pd.read_parquet(out).sample_id.is_unique
 
 
 def test_a_damaged_run_record_is_named(tmp_path, ray_local, capsys):
