@@ -233,21 +233,6 @@ def attribute_accuracy_safe(images, prompts) -> np.ndarray:
     return out
 
 
-class _RayDataConsoleFilter(logging.Filter):
-    """Ray Data's INFO lines ("Dataset ... execution finished") on the console break the
-    progress bar; they stay in Ray Data's log file."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
-
-
-def quiet_ray_data_console() -> None:
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _RayDataConsoleFilter) for f in handler.filters):
-            handler.addFilter(_RayDataConsoleFilter())
-
-
 class ExtractionFailed(RuntimeError):
     """Feature actors kept dying; what was extracted is cached (exit code 1)."""
 
@@ -268,8 +253,7 @@ def extract_missing(shards: list[str], ok: pd.DataFrame, caches: dict, attr_cach
         return 0, {}
     from jobs.ray_session import init_ray
 
-    ray = init_ray()
-    quiet_ray_data_console()
+    ray = init_ray()  # also keeps Ray Data's INFO lines off the console
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = args.pool_size or max(1, gpus)
     names = [n for n, ids in needed.items() if ids and n != "attribute_accuracy"]

@@ -134,7 +134,11 @@ class GenerateActor:
         self.load_failures: dict[str, str] = {}  # model name -> why it cannot load here (its rows become errors)
         self.attempts, self.max_attempts = attempts, max_attempts
         import diffusers
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
+        diffusers_logging.disable_progress_bar()  # the driver draws the one progress bar
+        transformers_logging.disable_progress_bar()
         self.versions = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__}
 
     def _model(self, name: str):
@@ -396,8 +400,9 @@ def _run(args, p: Plan) -> int:
             pending.clear()
         last_flush = time.monotonic()
 
+    batches = ds.iter_batches(batch_size=None, batch_format="pandas")
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        for batch in batches:
             batch = batch[~batch["sample_id"].isin(written)]
             written.update(batch["sample_id"])
             pending.append(_result_table(manifest, position, batch))
@@ -410,6 +415,7 @@ def _run(args, p: Plan) -> int:
                 flush()
         flush()
     except (Exception, KeyboardInterrupt) as e:  # unrecoverable failure or Ctrl-C: keep what is done
+        _close_quietly(batches)  # stop the pipeline now, not whenever the iterator is collected
         ray.kill(attempts)
         lost = isinstance(e, LeaseLostError)
         if not lost:
@@ -443,6 +449,13 @@ def _run(args, p: Plan) -> int:
           + (f"; {counts['truncated']} prompt(s) longer than the text encoder reads were truncated" if counts["truncated"] else ""),
           file=sys.stderr)
     return 0
+
+
+def _close_quietly(iterator) -> None:
+    try:
+        iterator.close()
+    except Exception:  # noqa: BLE001 - shutting down a pipeline that already failed
+        pass
 
 
 def _resources(ray) -> str:
@@ -516,6 +529,9 @@ def _now() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The driver imports pipeline classes to check models; their import-time notes (e.g.
+    # "requires torchvision, falling back") are not the user's business.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return run(args)
     except InputError as e:

@@ -34,11 +34,27 @@ def init_ray(schedule_timeout_s: float | None = None):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the jobs draw their own (and Ray need not say it drew none)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    quiet_ray_data_console()
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True  # the user's exception, not Ray's "UDF failed" wrapper
     if schedule_timeout_s:
         ctx.wait_for_min_actors_s = int(max(1, schedule_timeout_s))
     return ray
+
+
+class _RayDataConsoleFilter(logging.Filter):
+    """Ray Data's INFO lines ("Dataset ... execution finished") on the console break the
+    progress bar; they stay in Ray Data's log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_ray_data_console() -> None:
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _RayDataConsoleFilter) for f in handler.filters):
+            handler.addFilter(_RayDataConsoleFilter())
 
 
 def check_schedulable(ray, num_gpus: float, num_cpus: float) -> None:
