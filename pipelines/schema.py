@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipelines.errors import InputError
 from pipelines.models import ModelRegistry
-from pipelines.schedulers import check_scheduler
+from pipelines.schedulers import check_scheduler, local_scheduler_config, max_steps
 from pipelines.seeding import SEED_LIMIT, default_seed, sample_id
 
 MAX_STEPS = 1000
@@ -183,6 +183,15 @@ def validate_manifest(
             out.add(i, "scheduler", s, checked[(m, s)])
 
     steps = _ints(cols.get("steps"), model_default("steps"), "steps", out, 1, MAX_STEPS)
+    limits: dict[tuple, tuple | None] = {}  # (model, scheduler) -> (max steps, why) or None
+    for i, (v, m, s) in enumerate(zip(steps, models, schedulers)):
+        if v is None or not 1 <= v <= MAX_STEPS or m not in specs or checked[(m, s)]:
+            continue  # out of the documented range, or a bad model/scheduler: already reported
+        if (m, s) not in limits:
+            limits[(m, s)] = max_steps(s, local_scheduler_config(specs[m].source))
+        if limits[(m, s)] and v > limits[(m, s)][0]:
+            out.add(i, "steps", v, f"an integer in [1, {limits[(m, s)][0]}] for scheduler {s!r} on model {m!r} "
+                                   f"({limits[(m, s)][1]})")
     heights = _ints(cols.get("height"), model_default("height"), "height", out, 8, MAX_SIDE)
     widths = _ints(cols.get("width"), model_default("width"), "width", out, 8, MAX_SIDE)
     for col, vals in (("height", heights), ("width", widths)):
