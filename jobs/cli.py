@@ -29,5 +29,4 @@ def at_least(minimum: float, kind=float, strict: bool = False):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
         return value
 
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

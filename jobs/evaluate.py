@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import logging
 import os
 import re
 import sys
@@ -131,7 +130,7 @@ def read_results(results: str) -> tuple[pd.DataFrame, list[str], list[tuple[str,
     frames, good = [], []
     for path in scan.good:
         try:
-            names = pq.read_schema(path).names
+            names = scan.columns[path]  # from the footer scan() read
             lacking = [c for c in EVAL_COLUMNS if c not in names]
             if lacking:
                 skipped.append((shown(path), f"not a results shard (no {', '.join(lacking)} column)"))

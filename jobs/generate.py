@@ -33,7 +33,7 @@ import pyarrow as pa  # noqa: E402
 
 from pipelines.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
-from pipelines.errors import InputError  # noqa: E402
+from pipelines.errors import InputError, one_line  # noqa: E402
 from pipelines.lease import DEFAULT_TTL_S, Lease, LeaseLostError  # noqa: E402
 from pipelines.manifest import read_manifest  # noqa: E402
 from pipelines.models import ModelRegistry, check_available  # noqa: E402
@@ -169,10 +169,15 @@ class GenerateActor:
 
         return generate(model, rows, self.batch_sizes[name])
 
+    def _row(self, created_at, **fields) -> dict:
+        """One result row: `fields` (sample_id, pixels, status, ...) plus where and how it ran."""
+        return {**fields, "worker": self.worker, "device": f"{self.device}:{self.device_name}",
+                "created_at": created_at, **self.versions}
+
     def _failed_rows(self, part: pd.DataFrame, message: str) -> list[dict]:
-        return [{"sample_id": sid, "pixels": None, "status": "error", "error": message, "prompt_truncated": False,
-                 "gen_seconds": 0.0, "batch_size": 0, "worker": self.worker, "device": f"{self.device}:{self.device_name}",
-                 "dtype": None, "model_digest": None, "created_at": dt.datetime.now(dt.timezone.utc), **self.versions}
+        now = dt.datetime.now(dt.timezone.utc)
+        return [self._row(now, sample_id=sid, pixels=None, status="error", error=message, prompt_truncated=False,
+                          gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None)
                 for sid in part["sample_id"]]
 
     def _attempt(self, batch: pd.DataFrame) -> int:
@@ -184,42 +189,30 @@ class GenerateActor:
 
         return ray.get(ray.get_actor(self.attempts).start.remote(batch_key(batch["sample_id"])))
 
+    def _model_rows(self, name: str, part: pd.DataFrame) -> list[dict]:
+        """The result rows of one model's part of a batch; error rows if the model cannot load here."""
+        if name not in self.load_failures:
+            try:
+                model = self._model(name)
+            except Exception as e:  # noqa: BLE001 - a model that cannot load here: its rows end as error rows
+                self.load_failures[name] = f"model {name!r} could not be loaded on {self.worker}: {innermost_cause(e)}"
+        if name in self.load_failures:
+            return self._failed_rows(part, self.load_failures[name])
+        now = dt.datetime.now(dt.timezone.utc)  # batch start: jobs/benchmark.py measures start-up from it
+        return [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
+                          status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
+                          gen_seconds=res.gen_seconds, batch_size=res.batch_size, dtype=model.dtype,
+                          model_digest=model.digest)
+                for res in self._generate(name, model, part.to_dict("records"))]
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = []
         attempt = self._attempt(batch)
         if self.max_attempts and attempt > self.max_attempts:  # the previous attempts killed their actors
             out = self._failed_rows(batch, f"the worker died {attempt - 1} times running this batch of {len(batch)} "
                                            f"row(s) (killed, out of host memory, or crashed); --max-retries "
                                            f"{self.max_attempts - 1} exhausted")
-            return pd.DataFrame(out).join(batch.set_index("sample_id")[["height", "width"]], on="sample_id")
-        for name, part in batch.groupby("model", sort=False):
-            if name in self.load_failures:
-                out += self._failed_rows(part, self.load_failures[name])
-                continue
-            try:
-                model = self._model(name)
-            except Exception as e:  # noqa: BLE001 - a model that cannot load here: its rows end as error rows
-                self.load_failures[name] = f"model {name!r} could not be loaded on {self.worker}: {one_line(e)}"
-                out += self._failed_rows(part, self.load_failures[name])
-                continue
-            rows = part.to_dict("records")
-            now = dt.datetime.now(dt.timezone.utc)  # batch start: jobs/benchmark.py measures start-up from it
-            for res in self._generate(name, model, rows):
-                out.append({
-                    "sample_id": res.sample_id,
-                    "pixels": None if res.pixels is None else res.pixels.tobytes(),
-                    "status": res.status,
-                    "error": res.error,
-                    "prompt_truncated": res.prompt_truncated,
-                    "gen_seconds": res.gen_seconds,
-                    "batch_size": res.batch_size,
-                    "worker": self.worker,
-                    "device": f"{self.device}:{self.device_name}",
-                    "dtype": model.dtype,
-                    "model_digest": model.digest,
-                    "created_at": now,
-                    **self.versions,
-                })
+        else:
+            out = [row for name, part in batch.groupby("model", sort=False) for row in self._model_rows(name, part)]
         sizes = batch.set_index("sample_id")[["height", "width"]]
         return pd.DataFrame(out).join(sizes, on="sample_id")
 
@@ -284,7 +277,7 @@ def plan(args) -> Plan:
         previous = store.prepare(digest, args.overwrite)
         scan = store.scan()
         if previous is not None:
-            done, bad = store.read_committed()
+            done, bad = store.read_committed(scan)
         else:  # a fresh start (--overwrite kept what diffsweep did not write): nothing there is this manifest's
             done, bad = set(), scan.bad + [(path, "left by --overwrite: not written by diffsweep") for path in scan.good]
         moved = store.quarantine([p for p, _ in bad] + scan.foreign)
@@ -297,9 +290,7 @@ def plan(args) -> Plan:
             store.drop_errors()
             done, _ = store.read_committed()
     except BaseException:
-        lease.release()
-        if created:
-            store.remove_if_empty()
+        _abandon(lease, store, created)
         raise
     ids = manifest.column("sample_id").to_pylist()
     todo = order_by_run_key(manifest.filter(pa.array([sid not in done for sid in ids])))
@@ -314,12 +305,18 @@ def run(args) -> int:
     try:
         return _run(args, p)
     except InputError:  # found once Ray is up (e.g. the cluster cannot host an actor): nothing was written
-        p.lease.release()
-        if p.created:
-            p.store.remove_if_empty()
+        _abandon(p.lease, p.store, p.created)
         raise
     finally:
         p.lease.release()
+
+
+def _abandon(lease: Lease, store: ResultStore, created: bool) -> None:
+    """Give --out back as it was found: the lease released and, if this run created the
+    directory, the directory removed (it holds nothing but what the lease left)."""
+    lease.release()
+    if created:
+        store.remove_if_empty()
 
 
 def _run(args, p: Plan) -> int:
@@ -368,14 +365,15 @@ def _run(args, p: Plan) -> int:
     # Ray Data replaces dead actors and retries their batches (its defaults); the run's
     # BatchAttempts actor counts attempts per batch, so a batch that keeps killing its actor
     # ends as error rows after --max-retries instead of looping forever.
-    attempts = batch_attempts(ray, f"diffsweep-attempts-{run_id}")
+    attempts_name = f"diffsweep-attempts-{run_id}"
+    attempts = batch_attempts(ray, attempts_name)
     ds = (
         ray.data.from_pandas(blocks)
         .map_batches(
             GenerateActor,
             fn_constructor_kwargs=dict(specs=specs, dtype=args.dtype, batch_size=actor_batch, torch_threads=threads,
                                        batching=args.batching, speed=speed_options(args).as_dict(),
-                                       attempts=f"diffsweep-attempts-{run_id}", max_attempts=args.max_retries + 1),
+                                       attempts=attempts_name, max_attempts=args.max_retries + 1),
             batch_size=call_rows,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=pool),
@@ -424,7 +422,7 @@ def _run(args, p: Plan) -> int:
             except LeaseLostError as le:
                 e, lost = le, True
         progress.close()
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(e)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else innermost_cause(e)
         if isinstance(e, ray.exceptions.GetTimeoutError):
             reason = (f"the cluster did not start the generation actors within --schedule-timeout "
                       f"{args.schedule_timeout:g} s (each needs {num_gpus:g} GPU, {args.cpus_per_actor:g} CPU; "
@@ -475,7 +473,7 @@ def _versions() -> dict:
     return out
 
 
-def one_line(e: BaseException) -> str:
+def innermost_cause(e: BaseException) -> str:
     """The innermost cause of a (Ray-wrapped) exception, on one line."""
     seen = set()
     while id(e) not in seen:
@@ -488,7 +486,7 @@ def one_line(e: BaseException) -> str:
     if "RayTaskError" in type(e).__name__ or "UserCodeException" in type(e).__name__:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]  # the traceback's last line is the cause
         text = lines[-1] if lines else text
-    return " ".join(text.split())[:500]
+    return one_line(text, 500)
 
 
 def batch_key(sample_ids) -> str:

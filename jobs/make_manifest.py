@@ -39,7 +39,7 @@ from pipelines.errors import InputError  # noqa: E402
 from pipelines.models import ModelRegistry  # noqa: E402
 from pipelines.safe_yaml import describe, load_yaml, short_repr  # noqa: E402
 from pipelines.schedulers import SCHEDULERS  # noqa: E402
-from pipelines.schema import MAX_SIDE, MAX_STEPS, RUN_KEY, order_by_run_key, validate_manifest  # noqa: E402
+from pipelines.schema import MANIFEST_SCHEMA, MAX_SIDE, MAX_STEPS, RUN_KEY, order_by_run_key, validate_manifest  # noqa: E402
 from pipelines.seeding import SEED_LIMIT  # noqa: E402
 
 # spec key -> the flag that sets it
@@ -279,10 +279,8 @@ def build_manifest(spec: dict | Sweep, registry: ModelRegistry, max_rows: int = 
     sizes = by_axis.pop("size")
     by_axis["height"] = [s and s[0] for s in sizes]
     by_axis["width"] = [s and s[1] for s in sizes]
-    types = {"model": pa.string(), "scheduler": pa.string(), "steps": pa.int64(), "guidance": pa.float64(),
-             "height": pa.int64(), "width": pa.int64(), "cache_interval": pa.int64()}
     for col, values in by_axis.items():
-        columns[col] = pa.array(list(values), type=types[col]).take(config_idx)
+        columns[col] = pa.array(list(values), type=MANIFEST_SCHEMA.field(col).type).take(config_idx)
     if sweep.negative_prompt is not None and "negative_prompt" not in table.column_names:
         columns["negative_prompt"] = pa.array([sweep.negative_prompt] * table.num_rows, type=pa.string())
     for col, values in columns.items():

@@ -7,3 +7,9 @@ it gets a sentence naming what was wrong, not a traceback.
 
 class InputError(ValueError):
     """Bad input, found before any work was done or anything was written."""
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    """`text` with its whitespace folded to single spaces, cut to `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

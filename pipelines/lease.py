@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow.fs as pafs
 
@@ -63,8 +63,8 @@ class LeaseRecord:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+    if pid <= 0:  # not a process (kill() would address a process group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -168,7 +168,7 @@ class Lease:
             try:
                 self.check()
                 now = time.time()
-                self.record = LeaseRecord(**{**asdict(self.record), "heartbeat_at": now})
+                self.record = replace(self.record, heartbeat_at=now)
                 self._write(json.dumps(asdict(self.record)).encode())
             except LeaseLostError as e:
                 self.lost = str(e)

@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, one_line
+from pipelines.lease import LEASE_FILE
 from pipelines.manifest import filesystem_and_path
 
 RUN_FILE = "_run.json"
@@ -49,6 +50,7 @@ class ShardScan:
     good: list[str] = field(default_factory=list)  # committed shards with the results columns
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, why) part-* files no reader can use
     foreign: list[str] = field(default_factory=list)  # other *.parquet files at the top level
+    columns: dict[str, list[str]] = field(default_factory=dict)  # good shard -> its column names (from the footer)
 
 
 @dataclass
@@ -81,14 +83,14 @@ class ResultStore:
                     pass
                 os.unlink(probe)
         except (OSError, pa.ArrowException) as e:
-            raise InputError(f"--out {self.uri}: cannot create a results directory there ({' '.join(str(e).split())})") from None
+            raise InputError(f"--out {self.uri}: cannot create a results directory there ({one_line(e)})") from None
         return True
 
     def remove_if_empty(self) -> None:
         """Undo create() when a run stops before writing anything (nothing but its lease)."""
         if not self.local or not os.path.isdir(self.root):
             return
-        left = [n for n in os.listdir(self.root) if n not in ("_lease.json", STAGING_DIR)]
+        left = [n for n in os.listdir(self.root) if n not in (LEASE_FILE, STAGING_DIR)]
         if not left:
             import shutil
 
@@ -116,21 +118,18 @@ class ResultStore:
             if not name.startswith(SHARD_PREFIX):
                 out.foreign.append(info.path)
                 continue
-            why = self._shard_problem(info.path)
-            (out.bad.append((info.path, why)) if why else out.good.append(info.path))
+            try:
+                schema = pq.read_schema(info.path, filesystem=self.fs)
+            except (OSError, pa.ArrowException) as e:
+                out.bad.append((info.path, f"unreadable ({one_line(e, 120)})"))
+                continue
+            why = _not_results(schema)
+            if why:
+                out.bad.append((info.path, why))
+            else:
+                out.good.append(info.path)
+                out.columns[info.path] = schema.names
         return out
-
-    def _shard_problem(self, path: str) -> str | None:
-        try:
-            schema = pq.read_schema(path, filesystem=self.fs)
-        except (OSError, pa.ArrowException) as e:
-            return f"unreadable ({' '.join(str(e).split())[:120]})"
-        for col, typ in REQUIRED_COLUMNS.items():
-            if col not in schema.names:
-                return f"not a results shard (no {col!r} column)"
-            if not schema.field(col).type.equals(typ) and not (typ == pa.string() and schema.field(col).type == pa.large_string()):
-                return f"not a results shard (column {col!r} is {schema.field(col).type}, expected {typ})"
-        return None
 
     def quarantine(self, paths: list[str]) -> list[str]:
         """Move files aside into _quarantine/ (never delete them). Returns their new paths."""
@@ -154,17 +153,18 @@ class ResultStore:
             ids.update(pq.read_table(path, columns=["sample_id"], filesystem=self.fs).column(0).to_pylist())
         return ids
 
-    def read_committed(self) -> tuple[set[str], list[tuple[str, str]]]:
+    def read_committed(self, scan: ShardScan | None = None) -> tuple[set[str], list[tuple[str, str]]]:
         """The committed sample_ids, and the shards that could not be read for them
-        (path, why); those are left where they are for the caller to set aside."""
-        scan = self.scan()
+        (path, why); those are left where they are for the caller to set aside. `scan`:
+        a scan() the caller already made of the directory as it is now."""
+        scan = scan or self.scan()
         ids: set[str] = set()
         bad = list(scan.bad)
         for path in scan.good:
             try:
                 ids.update(self.done_ids([path]))
             except (OSError, pa.ArrowException) as e:
-                bad.append((path, f"unreadable ({' '.join(str(e).split())[:120]})"))
+                bad.append((path, f"unreadable ({one_line(e, 120)})"))
         return ids, bad
 
     def drop_errors(self) -> int:
@@ -273,6 +273,17 @@ class ResultStore:
             f.write(data)
         if staging != path:
             self.fs.move(staging, path)
+
+
+def _not_results(schema: pa.Schema) -> str | None:
+    """Why a Parquet file of this schema is not a results shard, or None if it is one."""
+    for col, typ in REQUIRED_COLUMNS.items():
+        if col not in schema.names:
+            return f"not a results shard (no {col!r} column)"
+        got = schema.field(col).type
+        if not got.equals(typ) and not (typ == pa.string() and got == pa.large_string()):
+            return f"not a results shard (column {col!r} is {got}, expected {typ})"
+    return None
 
 
 def check_out_location(store: ResultStore, manifest_uri: str) -> None:

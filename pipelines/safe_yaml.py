@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from yaml.events import AliasEvent
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, one_line
 
 MAX_NODES = 100_000  # nodes of the document with every alias expanded
 MAX_DEPTH = 100  # nesting of sequences/mappings
@@ -127,11 +127,6 @@ _repr.maxlong = 40
 def short_repr(value, limit: int = 80) -> str:
     """repr(value) cut to `limit` characters, without expanding big or shared containers."""
     return one_line(_repr.repr(value), limit)
-
-
-def one_line(text: str, limit: int = 240) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def type_name(value) -> str:
