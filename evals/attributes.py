@@ -1,7 +1,7 @@
 """Attribute accuracy: an exact faithfulness metric for the embedded domain.
 
 Generic prompt-faithfulness scores (CLIP score) are noisy proxies. On the embedded model's
-rendered-shapes domain the truth is checkable: the judge in `pipelines.embedded.domain`
+rendered-shapes domain the truth is checkable: the judge in `evals.shapes`
 reads the background, and each shape's colour, shape and size (in the place the caption
 puts it) back from the pixels and scores the share that match the caption. Rendered ground
 truth scores 1.0; noise scores about a third.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.embedded.domain import attribute_scores, parse_caption  # noqa: F401  (re-exported)
-from pipelines.embedded.domain import attribute_accuracy as _domain_attribute_accuracy
+from evals.shapes import attribute_scores, parse_caption  # noqa: F401  (re-exported)
+from evals.shapes import attribute_accuracy as _domain_attribute_accuracy
 
 
 def attribute_accuracy(images_uint8, captions) -> np.ndarray:

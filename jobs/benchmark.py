@@ -139,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batching = [s.strip() for s in args.batching.split(",") if s.strip()]
     if not args.batching or not set(args.batching) <= {"config", "continuous"}:
         p.error(f"--batching: got {args.batching}; expected a comma list of config, continuous")
-    from pipelines.speed import COMPILE_MODES
+    from pipelines.generation.speed import COMPILE_MODES
 
     if args.compile not in COMPILE_MODES:
         p.error(f"--compile {args.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
@@ -384,7 +384,7 @@ def resolve_models(args, work_dir: Path, device: str):
     names them) are built with random weights and saved as a local diffusers directory, so
     plain diffusers, the actor and the Ray job all load the same files the usual way."""
     from pipelines.architectures import ARCHITECTURES, build_random_pipeline
-    from pipelines.models import ModelRegistry, check_available, load_models_yaml, resolve_dtype
+    from pipelines.registry.models import ModelRegistry, check_available, load_models_yaml, resolve_dtype
 
     registry = ModelRegistry.with_user_file(args.models)
     user = set(load_models_yaml(args.models)) if args.models else set()
@@ -413,7 +413,7 @@ def resolve_models(args, work_dir: Path, device: str):
 
 
 def _embedded_built() -> bool:
-    from pipelines.models import EMBEDDED_DIR
+    from pipelines.registry.models import EMBEDDED_DIR
 
     return (EMBEDDED_DIR / "model_index.json").is_file()
 
@@ -449,7 +449,7 @@ def make_rows(spec, args, n: int):
     order (by run key)."""
     import pyarrow as pa
 
-    from pipelines.models import ModelRegistry
+    from pipelines.registry.models import ModelRegistry
     from pipelines.schema import order_by_run_key, validate_manifest
 
     colors = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -475,7 +475,7 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     """A user's loop: one pipeline; per configuration, set its scheduler and call it per
     batch. Returns (median pass seconds, pixels of the first batch by sample_id, peak bytes,
     (device busy, profiled pass seconds) or None)."""
-    from pipelines.models import load_model
+    from pipelines.registry.models import load_model
 
     loaded = load_model(spec, device, dtype)  # from_pretrained + .to(device), safety checker off
     groups = [g for _, g in rows.groupby(CONFIG_COLUMNS, sort=False)]
@@ -505,7 +505,7 @@ def plain_call(loaded, chunk: pd.DataFrame, device: str) -> np.ndarray:
     """One diffusers call for rows of one configuration, as a user writes it."""
     import torch
 
-    from pipelines.schedulers import make_scheduler
+    from pipelines.registry.schedulers import make_scheduler
 
     pipe, r0 = loaded.pipe, chunk.iloc[0]
     pipe.scheduler = make_scheduler(r0.scheduler, loaded.scheduler_config, loaded.spec.family)
@@ -530,7 +530,7 @@ def float32_reference(spec, rows: pd.DataFrame, first_batch: dict, device: str) 
     composition (<= 1/255, tested), so a smaller batch than the timed one is fine."""
     import torch
 
-    from pipelines.models import load_model
+    from pipelines.registry.models import load_model
 
     chunk = rows[rows.sample_id.isin(list(first_batch)[:REFERENCE_ROWS])]  # rows' order: the batch's
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -602,7 +602,7 @@ def time_ray_job(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, 
     from PIL import Image
 
     from jobs import generate as gen_job
-    from pipelines.models import ModelRegistry
+    from pipelines.registry.models import ModelRegistry
 
     work.mkdir(parents=True, exist_ok=True)
     manifest, results = work / "manifest.parquet", work / "results"
@@ -660,7 +660,7 @@ def run_throughput(args) -> tuple[list[dict], dict]:
     import torch
 
     from pipelines.architectures import count_flops, flops_per_image
-    from pipelines.models import resolve_dtype
+    from pipelines.registry.models import resolve_dtype
 
     diffusers.utils.logging.disable_progress_bar()  # loading bars would bury the report
     import transformers
@@ -803,7 +803,7 @@ def _busy_fields(busy: tuple[float, float] | None) -> dict:
 def _pipe_for_flops(spec, arch):
     """FLOPs need only the architecture: a meta-device build when it is a known one, else the model's configs."""
     from pipelines.architectures import build_random_pipeline
-    from pipelines.models import load_model
+    from pipelines.registry.models import load_model
 
     if arch is not None:
         return build_random_pipeline(arch, device="meta")

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from evals.feature_cache import FeatureCache, cache_key  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
-from pipelines.results import ResultStore  # noqa: E402
+from pipelines.storage.results import ResultStore  # noqa: E402
 from pipelines.schema import RUN_KEY  # noqa: E402
 
 EXTRACTORS = ("inception", "clip", "embedded")
@@ -250,7 +250,7 @@ def extract_missing(shards: list[str], ok: pd.DataFrame, caches: dict, attr_cach
     missing = set().union(*needed.values()) if needed else set()
     if not missing:
         return 0, {}
-    from jobs.ray_session import init_ray
+    from jobs.raydata.session import init_ray
 
     ray = init_ray()  # also keeps Ray Data's INFO lines off the console
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -389,7 +389,7 @@ class Reference:
     def images(self) -> tuple[list[np.ndarray], list[str] | None]:
         """Images (and captions, when known)."""
         if self.kind == "embedded":
-            from pipelines.embedded.domain import render_captions, sample_captions
+            from evals.shapes import render_captions, sample_captions
 
             captions = sample_captions(self.n, seed=12345)
             return list(render_captions(captions, seed=12345)), captions

@@ -31,14 +31,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from pipelines.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes  # noqa: E402
+from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
 from pipelines.errors import InputError, one_line  # noqa: E402
-from pipelines.lease import DEFAULT_TTL_S, Lease, LeaseLostError  # noqa: E402
-from pipelines.manifest import read_manifest  # noqa: E402
-from pipelines.models import ModelRegistry, check_available  # noqa: E402
-from pipelines.results import ResultStore, check_out_location, new_run_id  # noqa: E402
-from pipelines.speed import COMPILE_MODES, SpeedOptions, apply_speed_options  # noqa: E402
+from pipelines.storage.lease import DEFAULT_TTL_S, Lease, LeaseLostError  # noqa: E402
+from pipelines.storage.manifest import read_manifest  # noqa: E402
+from pipelines.registry.models import ModelRegistry, check_available  # noqa: E402
+from pipelines.storage.results import ResultStore, check_out_location, new_run_id  # noqa: E402
+from pipelines.generation.speed import COMPILE_MODES, SpeedOptions, apply_speed_options  # noqa: E402
 from pipelines.schema import MANIFEST_COLUMNS, RESULT_SCHEMA, manifest_digest, order_by_run_key, validate_manifest  # noqa: E402
 
 # What travels from the actors to the driver: the id plus the result columns (raw pixels
@@ -142,7 +142,7 @@ class GenerateActor:
         self.versions = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__}
 
     def _model(self, name: str):
-        from pipelines.models import load_model
+        from pipelines.registry.models import load_model
 
         if name in self.models:
             self.models.move_to_end(name)
@@ -151,7 +151,7 @@ class GenerateActor:
             evicted, _ = self.models.popitem(last=False)
             self.text_caches.pop(evicted, None)
             self.batch_sizes.pop(evicted, None)
-        from pipelines.generate import warm_up
+        from pipelines.generation.grouped import warm_up
 
         model = load_model(self.specs[name], self.device, self.dtype)
         apply_speed_options(model.pipe, self.speed)
@@ -162,10 +162,10 @@ class GenerateActor:
 
     def _generate(self, name: str, model, rows: list[dict]):
         if self.batching == "continuous":
-            from pipelines.continuous import TextCache, generate_mixed
+            from pipelines.generation.continuous import TextCache, generate_mixed
 
             return generate_mixed(model, rows, self.batch_sizes[name], self.text_caches.setdefault(name, TextCache()))
-        from pipelines.generate import generate
+        from pipelines.generation.grouped import generate
 
         return generate(model, rows, self.batch_sizes[name])
 
@@ -340,7 +340,7 @@ def _run(args, p: Plan) -> int:
         print(f"nothing to do: all {manifest.num_rows} rows are already in {args.out}", file=sys.stderr)
         return 0
 
-    from jobs.ray_session import batch_attempts, check_schedulable, init_ray
+    from jobs.raydata.session import batch_attempts, check_schedulable, init_ray
 
     ray = init_ray(schedule_timeout_s=args.schedule_timeout)
     gpus = int(ray.cluster_resources().get("GPU", 0))

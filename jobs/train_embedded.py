@@ -4,7 +4,7 @@
 
 Writes `<out>/clip` (CLIPModel + tokenizer + processor) and `<out>/model` (a
 StableDiffusionPipeline whose text encoder is the domain CLIP's text tower). Every image is
-rendered on the fly from seeded scene samples (pipelines/embedded/domain.py), so the run
+rendered on the fly from seeded scene samples (evals/shapes.py), so the run
 needs no data and no download. The three stages run in order because each depends on the
 previous one: the UNet is conditioned on the frozen CLIP text tower and denoises the frozen
 VAE's latents.
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from pipelines.embedded import domain  # noqa: E402
-from pipelines.tokenizer import write_clip_tokenizer  # noqa: E402
+from evals import shapes as domain  # noqa: E402
+from pipelines.registry.tokenizer import write_clip_tokenizer  # noqa: E402
 
 TOKEN_LENGTH = 32  # longest caption is 18 tokens with BOS/EOS
 TEXT_DIM = 128

@@ -5,7 +5,7 @@ here, so the benchmark builds SD 1.5 and SDXL from their published configs (valu
 the `unet/`, `vae/`, `text_encoder*/` and `scheduler/` config.json files of
 stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0) with random weights. The one
 deliberate difference is the tokenizer: a byte-level CLIP tokenizer written locally
-(pipelines/tokenizer.py), whose ids all fit the real 49408-entry embedding; every prompt
+(pipelines/registry/tokenizer.py), whose ids all fit the real 49408-entry embedding; every prompt
 is padded to 77 tokens anyway, so the compute is the real one.
 
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on meta-device twins
@@ -155,7 +155,7 @@ def build_random_pipeline(arch: str, dtype="float32", device="cpu", seed: int = 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from pipelines.tokenizer import write_clip_tokenizer
+    from pipelines.registry.tokenizer import write_clip_tokenizer
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(architecture_names())}")
@@ -240,7 +240,7 @@ def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1)
     timestep = torch.full((n,), 500, device=meta)
     out = {"unet_step": _count(lambda: unet(latents, timestep, **kwargs))}
     if type(unet).__name__ == "UNet2DConditionModel":  # a step that reuses deep features (cache_interval > 1)
-        from pipelines.deepcache import unet_forward
+        from pipelines.generation.deepcache import unet_forward
 
         args = (unet, latents, timestep, kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs"))
         _, deep = unet_forward(*args)

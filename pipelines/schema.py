@@ -16,8 +16,8 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.errors import InputError
-from pipelines.models import ModelRegistry
-from pipelines.schedulers import check_scheduler, local_scheduler_config, max_steps
+from pipelines.registry.models import ModelRegistry
+from pipelines.registry.schedulers import check_scheduler, local_scheduler_config, max_steps
 from pipelines.seeding import SEED_LIMIT, default_seed, sample_id
 
 MAX_STEPS = 1000

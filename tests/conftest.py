@@ -36,7 +36,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from pipelines.models import ModelRegistry, load_model
+    from pipelines.registry.models import ModelRegistry, load_model
 
     return load_model(ModelRegistry().get("tiny-random"))
 

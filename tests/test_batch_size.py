@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from jobs import generate as gen_job
-from pipelines.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes, fit_batch_size
-from pipelines.continuous import generate_mixed
-from pipelines.generate import generate
-from pipelines.models import ModelRegistry
+from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes, fit_batch_size
+from pipelines.generation.continuous import generate_mixed
+from pipelines.generation.grouped import generate
+from pipelines.registry.models import ModelRegistry
 from pipelines.schema import validate_manifest
 
 REG = ModelRegistry()

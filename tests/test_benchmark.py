@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from jobs import benchmark
-from pipelines.models import EMBEDDED_DIR
+from pipelines.registry.models import EMBEDDED_DIR
 from tests.conftest import ROOT
 
 FIELDS = ["run_id", "suite", "model", "path", "device", "device_name", "dtype", "batch_size", "rows", "steps",
@@ -216,7 +216,7 @@ def test_device_busy_from_a_real_cpu_trace():
 
 def test_mixed_sweep_header_names_the_schedulers_of_the_model_family():
     """A flow-matching model sweeps the flow schedulers, and the header says so."""
-    from pipelines.models import ModelRegistry
+    from pipelines.registry.models import ModelRegistry
 
     args = benchmark.parse_args(["--sweep", "mixed", "--steps", "10"])
     spec = ModelRegistry().get("sd35-medium")

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines.continuous import ContinuousStats, TextCache, generate_continuous, generate_mixed, supports_continuous
-from pipelines.generate import generate
-from pipelines.models import ModelRegistry
-from pipelines.schedulers import scheduler_names
+from pipelines.generation.continuous import ContinuousStats, TextCache, generate_continuous, generate_mixed, supports_continuous
+from pipelines.generation.grouped import generate
+from pipelines.registry.models import ModelRegistry
+from pipelines.registry.schedulers import scheduler_names
 from pipelines.schema import validate_manifest
 
 REG = ModelRegistry()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from pipelines.deepcache import deep_cache, unet_forward
-from pipelines.generate import generate
-from pipelines.models import ModelRegistry
+from pipelines.generation.deepcache import deep_cache, unet_forward
+from pipelines.generation.grouped import generate
+from pipelines.registry.models import ModelRegistry
 from pipelines.schema import validate_manifest
 
 REG = ModelRegistry()
@@ -77,7 +77,7 @@ def rows_for(**cols):
 def embedded_model():
     """The shipped trained model: feature reuse relies on features that change slowly from
     step to step, which a trained UNet has and a random one does not."""
-    from pipelines.models import load_model
+    from pipelines.registry.models import load_model
 
     return load_model(REG.get("embedded"))
 
@@ -87,7 +87,7 @@ def embedded_rows(**cols):
 
 
 def test_cache_interval_changes_pixels_a_little_and_only_for_its_rows(embedded_model):
-    from pipelines.embedded import domain
+    from evals import shapes as domain
 
     n = 4
     base = dict(prompt=domain.sample_captions(n, seed=5), steps=[20] * n, scheduler=["ddim"] * n)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evals.attributes import attribute_accuracy
-from pipelines.embedded import domain
+from evals import shapes as domain
 
 
 def test_render_is_deterministic_and_seed_dependent():

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.embedded import CLIP_DIR, MODEL_DIR, domain
+from evals import shapes as domain
+from pipelines.embedded import CLIP_DIR, MODEL_DIR
 from pipelines.embedded import measure as m
 
 N = 48

@@ -85,7 +85,7 @@ def test_driver_killed_three_times_then_resumed_gives_each_row_once(tmp_path, ra
 @pytest.fixture(scope="module")
 def broken_models(tmp_path_factory):
     """A NaN-producing model (safetensors) and a pickled-only model, registered in a YAML."""
-    from pipelines.tiny import build_tiny_sd_pipeline
+    from pipelines.registry.tiny import build_tiny_sd_pipeline
 
     tmp = tmp_path_factory.mktemp("models")
     pipe = build_tiny_sd_pipeline()

@@ -35,7 +35,7 @@ def make_tiny_clip_dir(path: Path, seed: int = 0) -> Path:
     written offline: the same layout `save_pretrained` gives the shipped embedded CLIP."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from pipelines.tokenizer import write_clip_tokenizer
+    from pipelines.registry.tokenizer import write_clip_tokenizer
 
     write_clip_tokenizer(path, WORDS)
     tok = CLIPTokenizer.from_pretrained(path)

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines.generate import generate, to_pixels
-from pipelines.models import ModelRegistry
-from pipelines.schedulers import SCHEDULERS, UnknownSchedulerError, make_scheduler, scheduler_names
+from pipelines.generation.grouped import generate, to_pixels
+from pipelines.registry.models import ModelRegistry
+from pipelines.registry.schedulers import SCHEDULERS, UnknownSchedulerError, make_scheduler, scheduler_names
 from pipelines.schema import validate_manifest
 
 REG = ModelRegistry()

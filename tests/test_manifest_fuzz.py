@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.errors import InputError
-from pipelines.manifest import read_manifest
-from pipelines.models import ModelRegistry
+from pipelines.storage.manifest import read_manifest
+from pipelines.registry.models import ModelRegistry
 from pipelines.schema import MAX_STEPS, ManifestError, validate_manifest
 
 REG = ModelRegistry()

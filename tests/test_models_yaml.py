@@ -10,7 +10,7 @@ import yaml
 
 from jobs import generate as gen_job
 from pipelines.errors import InputError
-from pipelines.models import ModelConfigError, ModelNotFoundError, check_available, load_models_yaml
+from pipelines.registry.models import ModelConfigError, ModelNotFoundError, check_available, load_models_yaml
 from tests.conftest import write_parquet
 
 BILLION_LAUGHS = "\n".join(
@@ -133,7 +133,7 @@ def test_alias_bomb_in_models_file_is_refused(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
-    from pipelines.tiny import build_tiny_sd_pipeline
+    from pipelines.registry.tiny import build_tiny_sd_pipeline
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-sd"
     build_tiny_sd_pipeline().save_pretrained(path, safe_serialization=True)
@@ -210,7 +210,7 @@ def test_auto_pipeline_checks_the_class_model_index_names(tmp_path, capsys, save
 
 
 def test_a_healthy_copy_passes_and_loads_without_the_torch_dtype_warning(tmp_path, saved_tiny, recwarn):
-    from pipelines.models import load_model
+    from pipelines.registry.models import load_model
 
     (tmp_path / "models.yaml").write_text(damaged_copy(saved_tiny, tmp_path, lambda d: None))
     spec = load_models_yaml(tmp_path / "models.yaml")["broken"]

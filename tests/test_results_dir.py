@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import generate as gen_job
-from pipelines.lease import LEASE_FILE
-from pipelines.results import QUARANTINE_DIR, ResultStore
+from pipelines.storage.lease import LEASE_FILE
+from pipelines.storage.results import QUARANTINE_DIR, ResultStore
 from tests.conftest import ROOT, JobThread, wait_for, write_parquet
 
 
@@ -298,7 +298,7 @@ def test_the_no_op_resume_is_recorded_as_finished(tmp_path, ray_local, capsys):
 def test_a_model_that_fails_to_load_in_the_actor_ends_as_error_rows_with_its_cause(tmp_path, ray_local, capsys):
     import yaml
 
-    from pipelines.tiny import build_tiny_sd_pipeline
+    from pipelines.registry.tiny import build_tiny_sd_pipeline
 
     model_dir = tmp_path / "broken"
     build_tiny_sd_pipeline().save_pretrained(model_dir, safe_serialization=True)
@@ -324,8 +324,8 @@ def test_a_model_that_fails_to_load_in_the_actor_ends_as_error_rows_with_its_cau
 
 def test_a_batch_is_given_up_as_error_rows_after_max_retries_attempts(ray_local):
     from jobs.generate import GenerateActor
-    from jobs.ray_session import batch_attempts
-    from pipelines.models import ModelRegistry
+    from jobs.raydata.session import batch_attempts
+    from pipelines.registry.models import ModelRegistry
 
     counter = batch_attempts(ray_local, "diffsweep-attempts-test")
     spec = ModelRegistry().get("tiny-random")

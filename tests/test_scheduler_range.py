@@ -16,12 +16,12 @@ import torch
 
 import diffusers
 from jobs import generate as gen_job
-from pipelines.generate import generate
-from pipelines.models import EMBEDDED_DIR, ModelRegistry
-from pipelines.schedulers import (LCM_ORIGINAL_INFERENCE_STEPS, SCHEDULERS, make_scheduler, max_steps,
+from pipelines.generation.grouped import generate
+from pipelines.registry.models import EMBEDDED_DIR, ModelRegistry
+from pipelines.registry.schedulers import (LCM_ORIGINAL_INFERENCE_STEPS, SCHEDULERS, make_scheduler, max_steps,
                                   scheduler_names)
 from pipelines.schema import MAX_STEPS, validate_manifest
-from pipelines.tiny import SD_SCHEDULER_CONFIG
+from pipelines.registry.tiny import SD_SCHEDULER_CONFIG
 from tests.conftest import write_parquet
 
 REG = ModelRegistry()

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.models import ModelRegistry
+from pipelines.registry.models import ModelRegistry
 from pipelines.schema import MANIFEST_COLUMNS, ManifestError, validate_manifest
 from pipelines.seeding import sample_id
 

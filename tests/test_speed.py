@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.continuous import generate_continuous
-from pipelines.generate import generate
-from pipelines.models import ModelRegistry
+from pipelines.generation.continuous import generate_continuous
+from pipelines.generation.grouped import generate
+from pipelines.registry.models import ModelRegistry
 from pipelines.schema import validate_manifest
-from pipelines.speed import SpeedOptions, apply_speed_options, compiled_graphs
+from pipelines.generation.speed import SpeedOptions, apply_speed_options, compiled_graphs
 
 REG = ModelRegistry()
 

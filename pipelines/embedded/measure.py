@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from pipelines.embedded import CLIP_DIR, MODEL_DIR, domain
+from evals import shapes as domain
+from pipelines.embedded import CLIP_DIR, MODEL_DIR
 
 
 def load_pipeline(model_dir=MODEL_DIR):

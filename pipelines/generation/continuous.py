@@ -1,6 +1,6 @@
 """Continuous batching: rows of different scheduler, steps and guidance share UNet calls.
 
-`pipelines.generate.generate` runs one diffusers call per configuration, so a sweep of 36
+`pipelines.generation.grouped.generate` runs one diffusers call per configuration, so a sweep of 36
 configurations x 4 prompts never fills a batch of 16, and a 10-step row waits for nobody
 but also helps nobody. Here every row carries its own scheduler instance, timestep list,
 guidance scale, latents and generator; each UNet call takes the current timestep of every
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.batch_size import BatchSizes
-from pipelines.generate import RowResult, _free_memory, _sync, image_result, prompts_truncated, to_pixels
-from pipelines.models import LoadedModel
-from pipelines.schedulers import make_scheduler
+from pipelines.generation.batch_size import BatchSizes
+from pipelines.generation.grouped import RowResult, _free_memory, _sync, image_result, prompts_truncated, to_pixels
+from pipelines.registry.models import LoadedModel
+from pipelines.registry.schedulers import make_scheduler
 from pipelines.seeding import row_generators
 
 
@@ -240,7 +240,7 @@ def generate_mixed(model: LoadedModel, rows: list[dict], batch_sizes: BatchSizes
     falling back to the grouped path where it cannot run: unsupported pipelines, and any
     failure (out of memory, a row that raises), which the grouped path isolates row by row
     and halves batches for."""
-    from pipelines.generate import generate
+    from pipelines.generation.grouped import generate
 
     sizes = batch_sizes if isinstance(batch_sizes, BatchSizes) else BatchSizes(model, batch_sizes)
     if not supports_continuous(model):

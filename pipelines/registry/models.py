@@ -15,11 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from pipelines.embedded import MODEL_DIR as EMBEDDED_DIR
 from pipelines.errors import InputError
+from pipelines.registry.schedulers import SCHEDULERS, check_scheduler
 from pipelines.safe_yaml import describe, load_yaml, one_line, short_repr
-from pipelines.schedulers import SCHEDULERS, check_scheduler
 
-EMBEDDED_DIR = Path(__file__).parent / "embedded" / "model"
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -414,7 +414,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto") -> Loa
     dtype = resolve_dtype(spec, device, dtype)
     torch_dtype = getattr(torch, dtype)
     if spec.source == BUILTIN_PREFIX + "tiny-random":
-        from pipelines.tiny import build_tiny_sd_pipeline
+        from pipelines.registry.tiny import build_tiny_sd_pipeline
 
         pipe = build_tiny_sd_pipeline().to(device)
         if torch_dtype != torch.float32:

@@ -30,8 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.errors import InputError, one_line
-from pipelines.lease import LEASE_FILE
-from pipelines.manifest import filesystem_and_path
+from pipelines.storage.lease import LEASE_FILE
+from pipelines.storage.manifest import filesystem_and_path
 
 RUN_FILE = "_run.json"
 SHARD_PREFIX = "part-"

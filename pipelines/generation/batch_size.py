@@ -10,7 +10,7 @@ decode, which is the peak at large sizes) and fits the batch to the free memory:
     n = floor((HEADROOM * available - overhead) / per_row), clamped to [1, AUTO_CAP]
 
 Whatever the size came from, an out-of-memory error halves the batch that hit it
-(`pipelines.generate`) and lowers the size used for later batches of that image size, so
+(`pipelines.generation.grouped`) and lowers the size used for later batches of that image size, so
 one bad guess costs one failed call, not one per batch.
 
 On a CPU there is no device memory to fit: `auto` means CPU_BATCH_SIZE.
@@ -61,7 +61,7 @@ def probe_batch_size(model, height: int, width: int, cap: int = AUTO_CAP) -> int
     """Fit the batch to free CUDA memory from the measured peaks of 1 and 2 rows."""
     import torch
 
-    from pipelines.generate import probe_row, run_batch
+    from pipelines.generation.grouped import probe_row, run_batch
 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pipelines.tokenizer import write_clip_tokenizer
+from pipelines.registry.tokenizer import write_clip_tokenizer
 
 # Stable Diffusion 1.5's scheduler config: the noise schedule the model was "trained" on.
 SD_SCHEDULER_CONFIG = dict(

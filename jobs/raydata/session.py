@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def init_ray(schedule_timeout_s: float | None = None):

@@ -14,10 +14,10 @@ from itertools import groupby
 import numpy as np
 import torch
 
-from pipelines.batch_size import BatchSizes
-from pipelines.deepcache import deep_cache
-from pipelines.models import LoadedModel
-from pipelines.schedulers import make_scheduler
+from pipelines.generation.batch_size import BatchSizes
+from pipelines.generation.deepcache import deep_cache
+from pipelines.registry.models import LoadedModel
+from pipelines.registry.schedulers import make_scheduler
 from pipelines.seeding import OPTIONAL_PIXEL_FIELDS, row_generators
 
 CONFIG_KEY = ("scheduler", "steps", "guidance", "height", "width", "cache_interval")

@@ -1,0 +1,1 @@
+"""The Ray-wiring modules: the only library code that imports ray."""

@@ -1,0 +1,1 @@
+"""Turning rows into pixels: the grouped path, continuous batching, feature reuse, batch sizes."""

@@ -1,0 +1,1 @@
+"""What can be run: the model and scheduler registries, tiny pipelines built from configs."""

@@ -1,0 +1,1 @@
+"""Where manifests and results live: reading manifests, the results directory, its lease."""
