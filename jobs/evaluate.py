@@ -37,7 +37,7 @@ from evals.feature_cache import FeatureCache, cache_key  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
 from pipelines.storage.results import ResultStore  # noqa: E402
-from pipelines.schema import RUN_KEY  # noqa: E402
+from pipelines.contract import RUN_KEY  # noqa: E402
 
 EXTRACTORS = ("inception", "clip", "embedded")
 

@@ -39,7 +39,8 @@ from pipelines.storage.manifest import read_manifest  # noqa: E402
 from pipelines.registry.models import ModelRegistry, check_available  # noqa: E402
 from pipelines.storage.results import ResultStore, check_out_location, new_run_id  # noqa: E402
 from pipelines.generation.speed import COMPILE_MODES, SpeedOptions, apply_speed_options  # noqa: E402
-from pipelines.schema import MANIFEST_COLUMNS, RESULT_SCHEMA, manifest_digest, order_by_run_key, validate_manifest  # noqa: E402
+from pipelines.contract import MANIFEST_COLUMNS, RESULT_SCHEMA  # noqa: E402
+from pipelines.schema import manifest_digest, order_by_run_key, validate_manifest  # noqa: E402
 
 # What travels from the actors to the driver: the id plus the result columns (raw pixels
 # until the PNG stage). The driver joins it back to the manifest row, extras included.

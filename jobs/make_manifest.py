@@ -39,8 +39,8 @@ from pipelines.errors import InputError  # noqa: E402
 from pipelines.registry.models import ModelRegistry  # noqa: E402
 from pipelines.safe_yaml import describe, load_yaml, short_repr  # noqa: E402
 from pipelines.registry.schedulers import SCHEDULERS  # noqa: E402
-from pipelines.schema import MANIFEST_SCHEMA, MAX_SIDE, MAX_STEPS, RUN_KEY, order_by_run_key, validate_manifest  # noqa: E402
-from pipelines.seeding import SEED_LIMIT  # noqa: E402
+from pipelines.contract import MANIFEST_SCHEMA, MAX_SIDE, MAX_STEPS, RUN_KEY, SEED_LIMIT  # noqa: E402
+from pipelines.schema import order_by_run_key, validate_manifest  # noqa: E402
 
 # spec key -> the flag that sets it
 FLAGS = {

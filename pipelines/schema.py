@@ -11,54 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from pipelines.contract import (COLUMN, COLUMN_NAMES, FROM_MODEL, MANIFEST_SCHEMA, MAX_STEPS, RESULT_COLUMNS,
+                                RUN_KEY, SEED_LIMIT, default_seed, sample_id)
 from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry
 from pipelines.registry.schedulers import check_scheduler, local_scheduler_config, max_steps
-from pipelines.seeding import SEED_LIMIT, default_seed, sample_id
-
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("model", pa.string()),
-        ("scheduler", pa.string()),
-        ("steps", pa.int64()),
-        ("guidance", pa.float64()),
-        ("height", pa.int64()),
-        ("width", pa.int64()),
-        ("cache_interval", pa.int64()),
-    ]
-)
-MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
-RUN_KEY = ["model", "height", "width", "scheduler", "steps", "guidance", "cache_interval"]
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("image", pa.binary()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("prompt_truncated", pa.bool_()),
-        ("gen_seconds", pa.float64()),
-        ("batch_size", pa.int64()),
-        ("worker", pa.string()),
-        ("device", pa.string()),
-        ("dtype", pa.string()),  # half precision changes pixels (docs/performance.md): compare within one
-        ("diffusers_version", pa.string()),
-        ("torch_version", pa.string()),
-        ("model_digest", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-RESULT_COLUMNS = RESULT_SCHEMA.names
 
 
 @dataclass(frozen=True)
@@ -103,11 +62,6 @@ _KIND_CHECKS = {
     "integer": (pa.types.is_integer,),
     "number": (pa.types.is_integer, pa.types.is_floating),
 }
-_COLUMN_KINDS = {
-    "prompt": "string", "negative_prompt": "string", "model": "string", "scheduler": "string",
-    "sample_id": "string", "seed": "integer", "steps": "integer", "height": "integer",
-    "width": "integer", "guidance": "number", "cache_interval": "integer",
-}
 
 
 def validate_manifest(
@@ -118,59 +72,89 @@ def validate_manifest(
     source: str = "manifest",
 ) -> pa.Table:
     """Check every row and fill in defaults; returns the manifest as the job will run it:
-    the known columns in MANIFEST_SCHEMA order and types, then the user's columns as given.
+    the contract's columns in MANIFEST_SCHEMA order and types, then the user's columns as given.
 
     Raises `ManifestError` naming each bad (row, column, value) and what is allowed.
     Columns the job does not know pass through unchanged.
     """
-    out = _Collector(max_problems)
-    if table.num_rows == 0:
-        raise ManifestError([Problem(None, "*", 0, "at least one row")], source=source)
-    if "prompt" not in table.column_names:
-        raise ManifestError(
-            [Problem(None, "prompt", f"columns {table.column_names}", "a 'prompt' column (the only required one)")],
-            source=source,
-        )
     default_model = default_model or "embedded"
-    if default_model not in registry:
-        raise ManifestError(
-            [Problem(None, "--model", default_model, f"a registered model: {', '.join(registry.names())}")],
-            source=source,
-        )
-    taken = [c for c in table.column_names if c in RESULT_COLUMNS]
-    if taken:  # the job writes these itself; a user column of that name would be ambiguous
-        raise ManifestError([Problem(None, c, "a manifest column", "not a result column name (rename it): "
-                                     + ", ".join(RESULT_COLUMNS)) for c in taken], source=source)
-    for col, kind in _COLUMN_KINDS.items():
-        if col in table.column_names:
-            t = table.schema.field(col).type
-            ok = pa.types.is_null(t) or any(check(t) for check in _KIND_CHECKS[kind])
-            if col in ("prompt", "negative_prompt") and (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
-                ok = True  # decoded below, row by row, so bad UTF-8 is named by row
-            if not ok:
-                first = table.column(col).slice(0, 1).to_pylist()[0]
-                out.add(None, col, f"{t} column (row 0: {first!r})", f"{kind} values ({MANIFEST_SCHEMA.field(col).type})")
-    if out.total:
-        raise ManifestError(out.problems, out.total, source)
-
+    _check_columns(table, registry, default_model, source)
+    out = _Collector(max_problems)
     n = table.num_rows
-    cols = {c: table.column(c).to_pylist() for c in MANIFEST_COLUMNS if c in table.column_names}
+    given = {c: table.column(c).to_pylist() for c in COLUMN_NAMES if c in table.column_names}
 
-    prompts = _strings(cols.get("prompt"), "prompt", n, out, required=True)
-    negatives = _strings(cols.get("negative_prompt"), "negative_prompt", n, out, required=False)
-
-    models = [default_model if m is None else m for m in cols.get("model", [None] * n)]
+    values = {"prompt": _strings(given.get("prompt"), "prompt", n, out, required=True),
+              "negative_prompt": _strings(given.get("negative_prompt"), "negative_prompt", n, out, required=False)}
+    models = [default_model if m is None else m for m in given.get("model", [None] * n)]
     for i, m in enumerate(models):
         if m not in registry:
             out.add(i, "model", m, f"a registered model: {', '.join(registry.names())}")
     specs = {m: registry.get(m) for m in set(models) if m in registry}
+    values["model"] = models
+    for c in COLUMN.values():  # every other column: its default (constant or the model's), then its range
+        if c.name in values or c.name in ("sample_id", "seed"):
+            continue
+        defaults = ([getattr(specs[m], c.name) if m in specs else None for m in models] if c.default is FROM_MODEL
+                    else [c.default] * n)
+        if c.kind == "string":
+            values[c.name] = defaults if c.name not in given else [d if v is None else v
+                                                                   for v, d in zip(given[c.name], defaults)]
+        else:
+            values[c.name] = _numbers(c.name, given.get(c.name), defaults, out)
+    _check_for_model(values, specs, out)
+    values["seed"] = _seeds(given.get("seed"), values["prompt"], out)
+    if out.total:
+        raise ManifestError(out.problems, out.total, source)
 
-    def model_default(key):
-        return [getattr(specs[m], key) if m in specs else None for m in models]
+    clean = pa.table({c: values[c] for c in COLUMN_NAMES if c != "sample_id"},
+                     schema=pa.schema([f for f in MANIFEST_SCHEMA if f.name != "sample_id"]))
+    ids = _sample_ids(given.get("sample_id", [None] * n), clean.to_pylist(), out)
+    if out.total:
+        raise ManifestError(out.problems, out.total, source)
+    result = clean.add_column(0, MANIFEST_SCHEMA.field("sample_id"), pa.array(ids, pa.string()))
+    for c in table.column_names:
+        if c not in COLUMN_NAMES:
+            result = result.append_column(table.schema.field(c), table.column(c))
+    return result
 
-    schedulers = [d if s is None else s for s, d in zip(cols.get("scheduler", [None] * n), model_default("scheduler"))]
-    checked: dict[tuple, str | None] = {}
-    for i, (m, s) in enumerate(zip(models, schedulers)):
+
+def _check_columns(table: pa.Table, registry: ModelRegistry, default_model: str, source: str) -> None:
+    """What must hold before any row is read: rows, a prompt column, a registered --model,
+    no column named like a result column, and each known column of its kind."""
+    def fail(column, value, expected):
+        raise ManifestError([Problem(None, column, value, expected)], source=source)
+
+    if table.num_rows == 0:
+        fail("*", 0, "at least one row")
+    if "prompt" not in table.column_names:
+        fail("prompt", f"columns {table.column_names}", "a 'prompt' column (the only required one)")
+    if default_model not in registry:
+        fail("--model", default_model, f"a registered model: {', '.join(registry.names())}")
+    taken = [c for c in table.column_names if c in RESULT_COLUMNS]
+    if taken:  # the job writes these itself; a user column of that name would be ambiguous
+        raise ManifestError([Problem(None, c, "a manifest column", "not a result column name (rename it): "
+                                     + ", ".join(RESULT_COLUMNS)) for c in taken], source=source)
+    problems = []
+    for c in COLUMN.values():
+        if c.name in table.column_names:
+            t = table.schema.field(c.name).type
+            ok = pa.types.is_null(t) or any(check(t) for check in _KIND_CHECKS[c.kind])
+            if c.name in ("prompt", "negative_prompt") and (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+                ok = True  # decoded row by row, so bad UTF-8 is named by row
+            if not ok:
+                first = table.column(c.name).slice(0, 1).to_pylist()[0]
+                problems.append(Problem(None, c.name, f"{t} column (row 0: {first!r})", f"{c.kind} values ({c.arrow})"))
+    if problems:
+        raise ManifestError(problems, source=source)
+
+
+def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
+    """What depends on the row's model: its scheduler family, the scheduler's step limit,
+    the image size factor, and feature reuse (UNet models only)."""
+    models, schedulers = values["model"], values["scheduler"]
+    checked: dict[tuple, str | None] = {}  # (model, scheduler) -> why it cannot run, or None
+    limits: dict[tuple, tuple | None] = {}  # (model, scheduler) -> (max steps, why) or None
+    for i, (m, s, steps) in enumerate(zip(models, schedulers, values["steps"])):
         if m not in specs:
             continue
         if (m, s) not in checked:
@@ -181,67 +165,39 @@ def validate_manifest(
                 checked[(m, s)] = str(e).split("; ", 1)[-1].replace("valid names: ", "one of: ")
         if checked[(m, s)]:
             out.add(i, "scheduler", s, checked[(m, s)])
-
-    steps = _ints(cols.get("steps"), model_default("steps"), "steps", out, 1, MAX_STEPS)
-    limits: dict[tuple, tuple | None] = {}  # (model, scheduler) -> (max steps, why) or None
-    for i, (v, m, s) in enumerate(zip(steps, models, schedulers)):
-        if v is None or not 1 <= v <= MAX_STEPS or m not in specs or checked[(m, s)]:
-            continue  # out of the documented range, or a bad model/scheduler: already reported
+            continue
+        if steps is None or not 1 <= steps <= MAX_STEPS:
+            continue  # out of the documented range: already reported
         if (m, s) not in limits:
             limits[(m, s)] = max_steps(s, local_scheduler_config(specs[m].source))
-        if limits[(m, s)] and v > limits[(m, s)][0]:
-            out.add(i, "steps", v, f"an integer in [1, {limits[(m, s)][0]}] for scheduler {s!r} on model {m!r} "
-                                   f"({limits[(m, s)][1]})")
-    heights = _ints(cols.get("height"), model_default("height"), "height", out, 8, MAX_SIDE)
-    widths = _ints(cols.get("width"), model_default("width"), "width", out, 8, MAX_SIDE)
-    for col, vals in (("height", heights), ("width", widths)):
-        for i, (v, f) in enumerate(zip(vals, model_default("size_factor"))):
+        if limits[(m, s)] and steps > limits[(m, s)][0]:
+            out.add(i, "steps", steps, f"an integer in [1, {limits[(m, s)][0]}] for scheduler {s!r} on model {m!r} "
+                                       f"({limits[(m, s)][1]})")
+    for col in ("height", "width"):
+        for i, (v, m) in enumerate(zip(values[col], models)):
+            f = specs[m].size_factor if m in specs else None
             if f and v is not None and v % f:
-                out.add(i, col, v, f"a multiple of {f} for model {models[i]!r}")
-    guidance = _guidance(cols.get("guidance"), model_default("guidance"), out)
-    intervals = _ints(cols.get("cache_interval"), [1] * n, "cache_interval", out, 1, MAX_STEPS)
-    for i, (v, m) in enumerate(zip(intervals, models)):
+                out.add(i, col, v, f"a multiple of {f} for model {m!r}")
+    for i, (v, m) in enumerate(zip(values["cache_interval"], models)):
         if v is not None and v > 1 and m in specs and specs[m].family == "flow":
             out.add(i, "cache_interval", v, f"1 for model {m!r}: feature reuse (cache_interval > 1) needs a UNet model, "
                                             f"and {m!r} is a flow-matching transformer")
-    seeds = _seeds(cols.get("seed"), prompts, out)
-    if out.total:
-        raise ManifestError(out.problems, out.total, source)
 
-    clean = pd.DataFrame(
-        {
-            "prompt": pd.Series(prompts, dtype=object),
-            "negative_prompt": pd.Series(negatives, dtype=object),
-            "seed": np.array(seeds, dtype=np.int64),
-            "model": pd.Series(models, dtype=object),
-            "scheduler": pd.Series(schedulers, dtype=object),
-            "steps": np.array(steps, dtype=np.int64),
-            "guidance": np.array(guidance, dtype=np.float64),
-            "height": np.array(heights, dtype=np.int64),
-            "width": np.array(widths, dtype=np.int64),
-            "cache_interval": np.array(intervals, dtype=np.int64),
-        }
-    )
-    given_ids = cols.get("sample_id", [None] * n)
+
+def _sample_ids(given: list, rows: list[dict], out: _Collector) -> list[str]:
+    """The user's sample_id where given, else the content hash; each one unique."""
     ids = []
-    for i, (g, r) in enumerate(zip(given_ids, clean.itertuples(index=False))):
+    for i, (g, r) in enumerate(zip(given, rows)):
         if g is not None and not g.strip():
             out.add(i, "sample_id", g, "a non-empty string, or null to compute it")
-        ids.append(g if g else sample_id(r._asdict()))
+        ids.append(g if g else sample_id(r))
     first_of: dict[str, int] = {}
     for i, sid in enumerate(ids):
         if sid in first_of:
             out.add(i, "sample_id", sid, f"unique; row {first_of[sid]} has the same sample_id (the same image: give the rows different seeds)")
         else:
             first_of[sid] = i
-    if out.total:
-        raise ManifestError(out.problems, out.total, source)
-    clean.insert(0, "sample_id", pd.Series(ids, dtype=object))
-    result = pa.Table.from_pandas(clean, schema=MANIFEST_SCHEMA, preserve_index=False).replace_schema_metadata(None)
-    for c in table.column_names:
-        if c not in MANIFEST_COLUMNS:
-            result = result.append_column(table.schema.field(c), table.column(c))
-    return result
+    return ids
 
 
 def _strings(vals, col, n, out: _Collector, required: bool) -> list:
@@ -267,19 +223,20 @@ def _strings(vals, col, n, out: _Collector, required: bool) -> list:
     return vals
 
 
-def _ints(vals, defaults, col, out: _Collector, lo: int, hi: int) -> list:
+def _numbers(col, vals, defaults, out: _Collector) -> list:
+    """A numeric column with its defaults filled in, each value checked against the contract's range."""
+    c = COLUMN[col]
     vals = defaults if vals is None else [d if v is None else v for v, d in zip(vals, defaults)]
+    if c.kind == "integer":
+        expected = f"an integer in [{c.lo}, {c.hi}]"
+        bad = lambda v: not c.lo <= v <= c.hi  # noqa: E731
+    else:
+        vals = [None if v is None else float(v) for v in vals]
+        expected = f"a finite number >= {c.lo:g}" + (f" ({c.doc})" if c.doc else "")
+        bad = lambda v: not (math.isfinite(v) and v >= c.lo and (c.hi is None or v <= c.hi))  # noqa: E731
     for i, v in enumerate(vals):
-        if v is not None and not lo <= v <= hi:
-            out.add(i, col, v, f"an integer in [{lo}, {hi}]")
-    return vals
-
-
-def _guidance(vals, defaults, out: _Collector) -> list:
-    vals = defaults if vals is None else [d if v is None else float(v) for v, d in zip(vals, defaults)]
-    for i, v in enumerate(vals):
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            out.add(i, "guidance", v, "a finite number >= 0 (<= 1 disables classifier-free guidance)")
+        if v is not None and bad(v):
+            out.add(i, col, v, expected)
     return vals
 
 

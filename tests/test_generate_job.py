@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from jobs import generate as gen_job
-from pipelines.schema import MANIFEST_COLUMNS, RESULT_COLUMNS
+from pipelines.contract import MANIFEST_COLUMNS, RESULT_COLUMNS
 from tests.conftest import ROOT, write_parquet
 
 

@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 
 from pipelines.registry.models import ModelRegistry
-from pipelines.schema import MANIFEST_COLUMNS, ManifestError, validate_manifest
-from pipelines.seeding import sample_id
+from pipelines.contract import MANIFEST_COLUMNS
+from pipelines.schema import ManifestError, validate_manifest
+from pipelines.contract import sample_id
 
 REG = ModelRegistry()
 

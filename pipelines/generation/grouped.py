@@ -18,9 +18,8 @@ from pipelines.generation.batch_size import BatchSizes
 from pipelines.generation.deepcache import deep_cache
 from pipelines.registry.models import LoadedModel
 from pipelines.registry.schedulers import make_scheduler
-from pipelines.seeding import OPTIONAL_PIXEL_FIELDS, row_generators
-
-CONFIG_KEY = ("scheduler", "steps", "guidance", "height", "width", "cache_interval")
+from pipelines.contract import CONFIG_KEY, LATER_PIXEL_FIELDS
+from pipelines.seeding import row_generators
 
 
 @dataclass
@@ -35,7 +34,7 @@ class RowResult:
 
 
 def config_of(row: dict) -> tuple:
-    return tuple(row[k] if k in row else OPTIONAL_PIXEL_FIELDS[k] for k in CONFIG_KEY)
+    return tuple(row[k] if k in row else LATER_PIXEL_FIELDS[k] for k in CONFIG_KEY)
 
 
 def generate(model: LoadedModel, rows: list[dict], batch_sizes: BatchSizes | int = 8) -> list[RowResult]:
@@ -81,7 +80,7 @@ def _run_with_split(model: LoadedModel, rows: list[dict], sizes: BatchSizes) -> 
 
 def run_batch(model: LoadedModel, rows: list[dict]) -> list[RowResult]:
     """One diffusers call for rows that share a configuration."""
-    scheduler, steps, guidance, height, width, cache_interval = config_of(rows[0])
+    height, width, scheduler, steps, guidance, cache_interval = config_of(rows[0])
     pipe = model.pipe
     seeds = [int(r["seed"]) for r in rows]
     pipe.scheduler = make_scheduler(scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
