@@ -76,8 +76,10 @@ class Row:
 
     @classmethod
     def of(cls, record: Mapping) -> Row:
-        """The row of a record that has the contract's columns (plus, possibly, the user's own)."""
-        return cls(**{name: record[name] for name in COLUMN_NAMES})
+        """The row of a validated record (a manifest row as a dict; extra columns are ignored).
+        A column with a constant default may be missing (e.g. a row written before it existed)."""
+        return cls(**{c.name: record[c.name] if c.name in record or c.default in (None, FROM_MODEL) else c.default
+                      for c in COLUMNS})
 
     def config(self) -> tuple:
         """One diffusers call's configuration: the run key without the model."""
