@@ -1,24 +1,26 @@
-"""Attribute accuracy: an exact faithfulness metric for the embedded domain.
+"""Attribute accuracy of generated images whose prompts may lie outside the embedded grammar.
 
 Generic prompt-faithfulness scores (CLIP score) are noisy proxies. On the embedded model's
-rendered-shapes domain the truth is checkable: the judge in `evals.shapes`
-reads the background, and each shape's colour, shape and size (in the place the caption
-puts it) back from the pixels and scores the share that match the caption. Rendered ground
-truth scores 1.0; noise scores about a third.
+rendered-shapes domain the truth is checkable: the judge in `evals.shapes` reads the
+background and each shape's colour, shape and size back from the pixels. A sweep may mix
+grammar captions with free text, so evaluation scores each image on its own and leaves
+NaN where the caption is not one the judge can read.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from evals.shapes import attribute_scores, parse_caption  # noqa: F401  (re-exported)
-from evals.shapes import attribute_accuracy as _domain_attribute_accuracy
+from evals.shapes import attribute_accuracy
 
 
-def attribute_accuracy(images_uint8, captions) -> np.ndarray:
-    """Per-image share of the caption's attributes shown by the image, in [0, 1].
-
-    `images_uint8`: (N, H, W, 3) uint8 array or a sequence of HxWx3 uint8 arrays / PIL
-    images (resized to 64x64 if needed). `captions`: N captions from the embedded grammar
-    (ValueError names any caption outside it)."""
-    return _domain_attribute_accuracy(images_uint8, captions)
+def attribute_accuracy_or_nan(images, prompts) -> np.ndarray:
+    """Per image, the share of its prompt's attributes it shows (0..1); NaN where the prompt is
+    outside the embedded grammar (`evals.shapes.attribute_accuracy` raises ValueError there)."""
+    out = np.full(len(images), np.nan)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        try:
+            out[i] = attribute_accuracy([image], [prompt])[0]
+        except ValueError:
+            pass
+    return out

@@ -36,7 +36,8 @@ STATS_FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------- Gaussian fit
 
 
-def _as_features(feats, what="features") -> np.ndarray:
+def as_features(feats, what="features") -> np.ndarray:
+    """`feats` as a float64 [n, dim] array; a ValueError naming `what` for any other shape or a NaN/inf."""
     x = np.asarray(feats, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D array [n, dim], got shape {x.shape}")
@@ -47,7 +48,7 @@ def _as_features(feats, what="features") -> np.ndarray:
 
 def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased (n-1) covariance in float64, as clean-fid and torchmetrics compute them."""
-    x = _as_features(feats)
+    x = as_features(feats)
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 feature rows for a covariance, got {x.shape[0]}")
     mu = x.mean(axis=0)
@@ -142,7 +143,7 @@ class RefStats:
 
     @classmethod
     def from_features(cls, feats, extractor=None, resize_mode=None, image_size=None, keep_features=False) -> RefStats:
-        x = _as_features(feats)
+        x = as_features(feats)
         mu, sigma = feature_stats(x)
         return cls(mu, sigma, x.shape[0], extractor, resize_mode, image_size, x if keep_features else None)
 
@@ -175,7 +176,7 @@ def save_stats(
         format_version=np.int64(STATS_FORMAT_VERSION),
     )
     if features is not None:
-        payload["features"] = _as_features(features)
+        payload["features"] = as_features(features)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **payload)
@@ -241,7 +242,7 @@ def reference_stats(
         for note in check_compatible(stats, want):
             warnings.warn(note, stacklevel=2)
         return stats
-    feats = _as_features(compute_features(), "reference features")
+    feats = as_features(compute_features(), "reference features")
     mu, sigma = feature_stats(feats)
     save_stats(path, mu, sigma, feats.shape[0], extractor, resize_mode, image_size, feats if keep_features else None)
     return load_stats(path)
@@ -252,7 +253,7 @@ def reference_stats(
 
 def fid_from_features(feats_gen, ref: RefStats | np.ndarray) -> float:
     """FID of generated features against reference statistics (or reference features)."""
-    x = _as_features(feats_gen, "generated features")
+    x = as_features(feats_gen, "generated features")
     if x.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 generated images, got {x.shape[0]}")
     if not isinstance(ref, RefStats):
@@ -262,7 +263,8 @@ def fid_from_features(feats_gen, ref: RefStats | np.ndarray) -> float:
     return _fid_features_vs_stats(x, ref.mu, ref.sigma, ref.sqrt_sigma)
 
 
-def _poly_kernel(x, y, degree, gamma, coef):
+def poly_kernel(x, y, degree, gamma, coef):
+    """KID's polynomial kernel matrix, k(x, y) = (gamma x.y + coef)^degree, row by row."""
     return (x @ y.T * gamma + coef) ** degree
 
 
@@ -294,8 +296,8 @@ def kernel_inception_distance(
             "KID needs reference features, not just mu/sigma: build the reference with "
             "save_stats(..., features=feats) / reference_stats(..., keep_features=True)"
         )
-    x = _as_features(feats_gen, "generated features")
-    y = _as_features(feats_ref, "reference features")
+    x = as_features(feats_gen, "generated features")
+    y = as_features(feats_ref, "reference features")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"generated features have dim {x.shape[1]}, reference features have dim {y.shape[1]}")
     m = min(subset_size, x.shape[0], y.shape[0])
@@ -310,7 +312,7 @@ def kernel_inception_distance(
         a = y[rng.permutation(y.shape[0])[:m]]  # torchmetrics draws the real side first
         b = x[rng.permutation(x.shape[0])[:m]]
         scores[i] = _mmd2_unbiased(
-            _poly_kernel(a, a, degree, gamma, coef), _poly_kernel(a, b, degree, gamma, coef), _poly_kernel(b, b, degree, gamma, coef)
+            poly_kernel(a, a, degree, gamma, coef), poly_kernel(a, b, degree, gamma, coef), poly_kernel(b, b, degree, gamma, coef)
         )
     std = float(scores.std(ddof=1)) if subsets > 1 else 0.0
     return float(scores.mean()), std

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from evals.fid import RefStats, _as_features, _poly_kernel, fid_from_features
+from evals.fid import RefStats, as_features, fid_from_features, poly_kernel
 
 _MAX_CHUNK_ELEMS = 20_000_000  # resample matrices are built in chunks of at most this many values
 
@@ -76,7 +76,7 @@ def fid_bootstrap_samples(feats_gen, ref: RefStats, n_boot: int = 200, seed: int
     centred Gram matrix of Z[idx] (n x n when n < dim, else dim x dim), batched through one
     `eigvalsh` call per chunk. Note resampling duplicates images, which lowers the sample's
     diversity, so bootstrap FIDs sit slightly above the point estimate (a known bias)."""
-    x = _as_features(feats_gen, "generated features")
+    x = as_features(feats_gen, "generated features")
     n, d = x.shape
     if n < 2:
         raise ValueError(f"FID needs at least 2 generated images, got {n}")
@@ -153,8 +153,8 @@ def kid_bootstrap_ci(
     _check_level(level, n_boot)
     if feats_ref is None:
         raise ValueError("KID needs reference features (save_stats(..., features=feats))")
-    x = _as_features(feats_gen, "generated features")
-    y = _as_features(feats_ref, "reference features")
+    x = as_features(feats_gen, "generated features")
+    y = as_features(feats_ref, "reference features")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"generated features have dim {x.shape[1]}, reference features have dim {y.shape[1]}")
     rng = np.random.default_rng(seed)
@@ -163,9 +163,9 @@ def kid_bootstrap_ci(
         raise ValueError(f"KID needs at least 2 images on each side, got {x.shape[0]} and {y.shape[0]}")
     xs, ys = x[rng.permutation(x.shape[0])[:mx]], y[rng.permutation(y.shape[0])[:my]]
     gamma = 1.0 / x.shape[1] if gamma is None else gamma
-    kxx = _poly_kernel(xs, xs, degree, gamma, coef)
-    kyy = _poly_kernel(ys, ys, degree, gamma, coef)
-    kxy_rows = _poly_kernel(xs, ys, degree, gamma, coef).sum(axis=1)  # only row sums are needed
+    kxx = poly_kernel(xs, xs, degree, gamma, coef)
+    kyy = poly_kernel(ys, ys, degree, gamma, coef)
+    kxy_rows = poly_kernel(xs, ys, degree, gamma, coef).sum(axis=1)  # only row sums are needed
     diag = np.diagonal(kxx)
     term_yy = (kyy.sum() - np.trace(kyy)) / (my * (my - 1))
 

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from evals.attributes import attribute_accuracy
+from evals.shapes import attribute_accuracy
 from evals import shapes as domain
 
 

@@ -1,0 +1,302 @@
+"""The report's plots, as matplotlib Figures: FID vs steps (one line per scheduler, one panel
+per guidance, CI error bars); CLIP score vs FID with the Pareto front marked; quality vs
+accelerator seconds per image with the cost/quality front.
+
+A plot that cannot be drawn from the frame (a column missing or all-NaN) raises PlotSkipped
+with a reason fit to show the reader; the page shows that reason instead of the plot.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from evals.report.format import config_labels, fmt_key, has_values, key_columns, label_part, numeric
+from evals.report.pareto import pareto_front
+
+_LABELS = {
+    "fid": "FID (lower is better)",
+    "clip_score": "CLIP score (higher is better)",
+    "kid": "KID (lower is better)",
+    "attribute_accuracy": "attribute accuracy (higher is better)",
+    "gen_seconds": "accelerator seconds per image",
+}
+_PALETTE = (
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+    "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939",
+)
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+_PLOT_DPI = 110
+
+
+class PlotSkipped(ValueError):
+    """A plot cannot be drawn from this metrics frame (a column is missing or all-NaN); the
+    message says why in a form fit to show to the reader."""
+
+
+
+def _line_keys(keys: list[str], metrics: pd.DataFrame) -> list[str]:
+    """Keys that identify a line in the steps plots: everything but steps and guidance that varies."""
+    return [k for k in keys if k not in ("steps", "guidance") and metrics[k].nunique(dropna=False) > 1]
+
+
+def _line_label(row, line_keys: list[str]) -> str:
+    if not line_keys:
+        return "all"
+    parts = []
+    for k in line_keys:
+        if k == "width" and "height" in line_keys:
+            continue
+        if k == "height" and "width" in line_keys:
+            parts.append(f"{fmt_key(row['height'])}x{fmt_key(row['width'])}")
+        else:
+            parts.append(label_part(k, row[k]))
+    return " ".join(parts)
+
+
+def _colors(labels: Iterable[str]) -> dict[str, str]:
+    return {lab: _PALETTE[i % len(_PALETTE)] for i, lab in enumerate(sorted(set(labels)))}
+
+
+def _sort_key_values(values) -> list:
+    vals = list(pd.unique(pd.Series(values)))
+    try:
+        return sorted(vals)
+    except TypeError:
+        return sorted(vals, key=str)
+
+
+def _yerr(df: pd.DataFrame, col: str, lo: str, hi: str):
+    slo, shi = numeric(df, lo), numeric(df, hi)
+    if slo is None or shi is None:
+        return None
+    v = df[col].to_numpy(dtype=np.float64)
+    lo_err = np.clip(v - slo.to_numpy(), 0, None)
+    hi_err = np.clip(shi.to_numpy() - v, 0, None)
+    return np.nan_to_num(np.vstack([lo_err, hi_err]), nan=0.0)
+
+
+def _style_axes(ax) -> None:
+    ax.grid(True, color="#e3e3e3", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _guidance_markers(df: pd.DataFrame) -> dict:
+    if "guidance" not in df.columns or df["guidance"].nunique() < 2:
+        return {}
+    return {g: _MARKERS[i % len(_MARKERS)] for i, g in enumerate(_sort_key_values(df["guidance"].dropna()))}
+
+
+def _scatter_groups(ax, df: pd.DataFrame, x: str, y: str, colors: dict, markers: dict) -> None:
+    """Points coloured by `_color` and shaped by guidance."""
+    for lab in sorted(df["_color"].unique()):
+        part = df[df["_color"] == lab]
+        groups = [(markers[g], part[part["guidance"] == g]) for g in markers] if markers else [("o", part)]
+        for m, pts in groups:
+            if len(pts):
+                ax.scatter(pts[x], pts[y], s=42, color=colors[lab], marker=m, zorder=3, edgecolor="white",
+                           linewidth=0.6)
+
+
+def _legend_handles(colors: dict, markers: dict, line_keys: list[str]) -> list:
+    handles = [Line2D([], [], color=colors[lab], marker="o", linestyle="", label=lab) for lab in sorted(colors)]
+    if not line_keys:
+        handles = []
+    handles += [Line2D([], [], color="#444", marker=m, linestyle="", label=f"guidance {fmt_key(g)}")
+                for g, m in markers.items()]
+    return handles
+
+
+def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, metric: str = "fid") -> Figure:
+    """`metric` (default FID) against steps: one line per scheduler (and per any other varying
+    key but guidance), one panel per guidance value, bootstrap-CI error bars where present.
+    Raises PlotSkipped when steps or the metric is missing."""
+    metrics = metrics.reset_index(drop=True)
+    keys = key_columns(metrics, keys)
+    if metric not in metrics.columns or not has_values(metrics, metric):
+        raise PlotSkipped(f"no {metric.upper() if metric == 'fid' else metric} values (no reference set?)")
+    if "steps" not in metrics.columns or not has_values(metrics, "steps"):
+        raise PlotSkipped("no steps column")
+    df = metrics.copy()
+    df[metric] = numeric(df, metric)
+    df["_steps"] = numeric(df, "steps")
+    df = df[df[metric].notna() & df["_steps"].notna()]
+    line_keys = _line_keys(keys, df)
+    df["_line"] = [_line_label(r, line_keys) for _, r in df.iterrows()] if len(df) else []
+    has_g = "guidance" in df.columns and df["guidance"].notna().any()
+    if has_g:
+        df = df[df["guidance"].notna()]
+    panels = _sort_key_values(df["guidance"]) if has_g else [None]
+    colors = _colors(df["_line"])
+    lo, hi = f"{metric}_ci_lo", f"{metric}_ci_hi"
+
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.4 * ncols + 1.6, 3.4 * nrows + 0.6), dpi=_PLOT_DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    steps_ticks = sorted(df["_steps"].unique())
+    log_x = len(steps_ticks) > 1 and steps_ticks[0] > 0 and steps_ticks[-1] / steps_ticks[0] >= 8
+    for ax, g in zip(axes, panels):
+        sub = df if g is None else df[df["guidance"] == g]
+        for lab in sorted(sub["_line"].unique()):
+            part = sub[sub["_line"] == lab]
+            cols = [metric] + [c for c in (lo, hi) if c in part.columns]
+            part = part.groupby("_steps", as_index=False)[cols].mean(numeric_only=True).sort_values("_steps")
+            ax.errorbar(
+                part["_steps"], part[metric], yerr=_yerr(part, metric, lo, hi),
+                color=colors[lab], marker="o", markersize=4.5, linewidth=1.8, capsize=3, elinewidth=1, label=lab,
+            )
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xticks(steps_ticks)
+        ax.set_xticklabels([f"{s:g}" for s in steps_ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("sampling steps")
+        ax.set_title("all" if g is None else f"guidance {fmt_key(g)}", fontsize=11)
+        _style_axes(ax)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for r in range(nrows):
+        axes[r * ncols].set_ylabel(_LABELS.get(metric, metric))
+    handles, labels = axes[0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    for ax in axes[1 : len(panels)]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    if len(seen) > 1 or line_keys:
+        fig.legend(list(seen.values()), list(seen.keys()), loc="outside right upper", frameon=False, fontsize=9)
+    fig.suptitle(f"{'FID' if metric == 'fid' else metric} vs steps" + (", per guidance" if has_g else ""), fontsize=12)
+    return fig
+
+
+def plot_clip_vs_fid(
+    metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, x: str = "fid", y: str = "clip_score",
+    max_labels: int = 12,
+) -> Figure:
+    """Scatter of `y` (CLIP score) against `x` (FID), one point per configuration with CI error
+    bars, colour per scheduler and marker per guidance, the Pareto front (low x, high y) drawn as
+    a step line with its points ringed and labelled; other points are labelled in full too when
+    there are at most `max_labels`, else by their steps only."""
+    metrics = metrics.reset_index(drop=True)
+    keys = key_columns(metrics, keys)
+    for col in (x, y):
+        if not has_values(metrics, col):
+            raise PlotSkipped(f"no {col} values")
+    df = metrics.copy()
+    df[x], df[y] = numeric(df, x), numeric(df, y)
+    df = df[df[x].notna() & df[y].notna()]
+    df["_label"] = config_labels(df, keys) if len(df) else []
+    front = pareto_front(df, x, y)
+    line_keys = _line_keys(keys, df)
+    df["_color"] = [_line_label(r, line_keys) for _, r in df.iterrows()] if len(df) else []
+    colors = _colors(df["_color"])
+    markers = _guidance_markers(df)
+
+    fig = Figure(figsize=(9.8, 5.8), dpi=_PLOT_DPI, layout="constrained")
+    ax = fig.subplots()
+    xerr = _yerr(df, x, f"{x}_ci_lo", f"{x}_ci_hi")
+    yerr = _yerr(df, y, f"{y}_ci_lo", f"{y}_ci_hi")
+    if xerr is not None or yerr is not None:
+        ax.errorbar(df[x], df[y], xerr=xerr, yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9, zorder=1)
+    _scatter_groups(ax, df, x, y, colors, markers)
+    f = df[front].sort_values(x)
+    if len(f):
+        ax.step(f[x], f[y], where="post", color="black", linestyle="--", linewidth=1.2, zorder=2)
+        ax.scatter(f[x], f[y], s=170, facecolor="none", edgecolor="black", linewidth=1.4, zorder=4)
+    short = "steps" in keys and len(df) > max_labels  # many points: off-front points get their steps only
+    for _, r in df.iterrows():
+        on = bool(front.get(r.name, False))
+        if on or not short:
+            text, size, color = r["_label"], 7.5, "#111" if on else "#555"
+        else:
+            text, size, color = fmt_key(r["steps"]), 7, "#666"
+        ax.annotate(text, (r[x], r[y]), xytext=(5, 4), textcoords="offset points", fontsize=size, color=color,
+                    zorder=5, fontweight="bold" if on else "normal")
+    ax.set_xlabel(_LABELS.get(x, x))
+    ax.set_ylabel(_LABELS.get(y, y))
+    ax.text(0.01, 0.99, "better ↖", transform=ax.transAxes, ha="left", va="top", fontsize=9, color="#555")
+    _style_axes(ax)
+    handles = _legend_handles(colors, markers, line_keys)
+    handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", markersize=11, linestyle="--",
+                          label="Pareto front"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=9, frameon=False)
+    title = f"{'CLIP score' if y == 'clip_score' else y} vs {'FID' if x == 'fid' else x}"
+    ax.set_title(title + (" (numbers: steps)" if short else ""), fontsize=12)
+    return fig
+
+
+def _seconds(metrics: pd.DataFrame) -> pd.Series | None:
+    s = numeric(metrics, "gen_seconds")
+    if s is None:
+        ips = numeric(metrics, "images_per_gpu_second")
+        if ips is not None:
+            s = 1.0 / ips.where(ips > 0)
+    return s
+
+
+def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None) -> Figure:
+    """FID and CLIP score (one panel each, whichever are present) against accelerator seconds
+    per image: colour per scheduler, marker per guidance, steps written next to each point,
+    and the cost/quality Pareto front dashed."""
+    metrics = metrics.reset_index(drop=True)
+    keys = key_columns(metrics, keys)
+    secs = _seconds(metrics)
+    if secs is None:
+        raise PlotSkipped("no gen_seconds / images_per_gpu_second values")
+    quality = [(c, better) for c, better in (("fid", "min"), ("clip_score", "max")) if has_values(metrics, c)]
+    if not quality:
+        raise PlotSkipped("no FID or CLIP score values")
+    df = metrics.copy()
+    df["_sec"] = secs
+    df = df[df["_sec"].notna()]
+    line_keys = _line_keys(keys, df)
+    df["_color"] = [_line_label(r, line_keys) for _, r in df.iterrows()] if len(df) else []
+    colors = _colors(df["_color"])
+    markers = _guidance_markers(df)
+    has_steps = "steps" in df.columns
+
+    fig = Figure(figsize=(5.0 * len(quality) + 2.0, 4.4), dpi=_PLOT_DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(quality), squeeze=False)).ravel()
+    sec_vals = df["_sec"][df["_sec"] > 0]
+    log_x = len(sec_vals) > 1 and sec_vals.max() / sec_vals.min() >= 10
+    for ax, (col, better) in zip(axes, quality):
+        sub = df.assign(_q=numeric(df, col))
+        sub = sub[sub["_q"].notna()]
+        yerr = _yerr(sub.assign(**{col: sub["_q"]}), col, f"{col}_ci_lo", f"{col}_ci_hi")
+        if yerr is not None:
+            ax.errorbar(sub["_sec"], sub["_q"], yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9, zorder=1)
+        _scatter_groups(ax, sub, "_sec", "_q", colors, markers)
+        if has_steps and len(sub) <= 60:
+            for _, r in sub.iterrows():
+                ax.annotate(fmt_key(r["steps"]), (r["_sec"], r["_q"]), xytext=(4, 3), textcoords="offset points",
+                            fontsize=7, color="#555")
+        # cost/quality front: minimise seconds, and minimise FID / maximise CLIP score
+        fr = pareto_front(sub.assign(_qq=sub["_q"] if better == "max" else -sub["_q"]), "_sec", "_qq")
+        f = sub[fr].sort_values("_sec")
+        if len(f) > 1:
+            ax.step(f["_sec"], f["_q"], where="post", color="black", linestyle="--", linewidth=1, zorder=2)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(_LABELS["gen_seconds"])
+        ax.set_ylabel(_LABELS.get(col, col))
+        _style_axes(ax)
+    handles = _legend_handles(colors, markers, line_keys)
+    handles.append(Line2D([], [], color="black", linestyle="--", label="cost/quality front"))
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=9)
+    fig.suptitle("quality vs cost" + (" (numbers: steps)" if has_steps else ""), fontsize=12)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_PLOT_DPI, facecolor="white")
+    return buf.getvalue()
+

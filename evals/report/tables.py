@@ -1,0 +1,135 @@
+"""The metrics table, one row per configuration: as Markdown (metrics.md, the terminal), as
+the report's HTML table, and the files evaluation writes (metrics.parquet, .csv, .md).
+
+Every metric column is optional: a missing or all-NaN column is left out of the table.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from evals.report.format import fmt_ci, fmt_key, fmt_num, has_values, key_columns, numeric, sig_decimals
+from evals.report.pareto import pareto_front
+
+# (column, header, ci_lo column, ci_hi column, spread column): the order of the metrics table.
+_TABLE_COLUMNS = (
+    ("n", "n", None, None, None),
+    ("n_error", "errors", None, None, None),
+    ("fid", "FID", "fid_ci_lo", "fid_ci_hi", None),
+    ("kid", "KID", None, None, "kid_std"),
+    ("clip_score", "CLIP score", "clip_score_ci_lo", "clip_score_ci_hi", None),
+    ("attribute_accuracy", "attribute acc.", "attribute_accuracy_ci_lo", "attribute_accuracy_ci_hi", None),
+    ("diversity", "diversity", None, None, None),
+    ("vendi", "Vendi", None, None, None),
+    ("gen_seconds", "GPU s / image", None, None, None),
+    ("images_per_gpu_second", "images / GPU s", None, None, None),
+)
+_INT_COLUMNS = {"n", "n_error"}
+_HTML_HEADERS = {"kid": "KID ± sd", "gen_seconds": "GPU s / img", "images_per_gpu_second": "img / GPU s",
+                 "attribute_accuracy": "attribute accuracy"}
+
+
+def _table_columns(metrics: pd.DataFrame):
+    return [c for c in _TABLE_COLUMNS if has_values(metrics, c[0])]
+
+
+def _cell(row, spec) -> str:
+    col, _, lo, hi, spread = spec
+    v = row.get(col)
+    if col in _INT_COLUMNS:
+        return "–" if v is None or pd.isna(v) else str(int(v))
+    if lo is not None:
+        return fmt_ci(v, row.get(lo), row.get(hi))
+    if spread is not None and spread in row.index and not pd.isna(row.get(spread)) and not pd.isna(v):
+        d = sig_decimals(float(v))
+        return f"{fmt_num(v, d)} ± {fmt_num(row[spread], d)}"
+    return fmt_num(v)
+
+
+def _header(spec, ci_level: float) -> str:
+    col, name, lo, _, spread = spec
+    if lo is not None:
+        return f"{name} [{ci_level:.0%} CI]"
+    if spread is not None:
+        return f"{name} ± sd"
+    return name
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def metrics_markdown(metrics: pd.DataFrame, keys: Sequence[str] | None = None, *, ci_level: float = 0.95) -> str:
+    """A Markdown table of `metrics`: the key columns, then each metric present (missing or
+    all-NaN columns are left out), intervals written `12.3 [11.1, 13.6]` and KID as
+    `0.0123 ± 0.0020`. Used for metrics.md and printed to the terminal."""
+    keys = key_columns(metrics, keys)
+    specs = _table_columns(metrics)
+    header = list(keys) + [_header(s, ci_level) for s in specs]
+    if not header:
+        return "_no metrics_\n"
+    lines = [
+        "| " + " | ".join(_md_escape(h) for h in header) + " |",
+        "|" + "|".join("---" if i < len(keys) else "---:" for i in range(len(header))) + "|",
+    ]
+    for _, row in metrics.iterrows():
+        cells = [fmt_key(row[k]) for k in keys] + [_cell(row, s) for s in specs]
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) -> str:
+    """The report's metrics table: keys that are the same for every row are named once above
+    it, the best value of each quality column is bold, and Pareto-front rows are starred."""
+    specs = _table_columns(metrics)
+    front = pareto_front(metrics) if has_values(metrics, "fid") and has_values(metrics, "clip_score") else None
+    best = {}
+    for col, better in (("fid", "min"), ("kid", "min"), ("clip_score", "max"), ("attribute_accuracy", "max")):
+        s = numeric(metrics, col)
+        if s is not None and s.notna().sum() > 1:
+            best[col] = s.min() if better == "min" else s.max()
+    constant = [k for k in keys if len(metrics) > 1 and metrics[k].nunique(dropna=False) == 1]
+    keys = [k for k in keys if k not in constant]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    head += "".join(f'<th class="num">{html.escape(_HTML_HEADERS.get(s[0], s[1]))}</th>' for s in specs)
+    if front is not None:
+        head += '<th title="on the FID / CLIP score Pareto front">front</th>'
+    rows = []
+    for i, (_, row) in enumerate(metrics.iterrows()):
+        tds = "".join(f"<td>{html.escape(fmt_key(row[k]))}</td>" for k in keys)
+        for s in specs:
+            cls = "num"
+            v = row.get(s[0])
+            if s[0] in best and v is not None and not pd.isna(v) and float(v) == best[s[0]]:
+                cls += " best"
+            tds += f'<td class="{cls}">{html.escape(_cell(row, s))}</td>'
+        if front is not None:
+            tds += f'<td class="front">{"★" if bool(front.iloc[i]) else ""}</td>'
+        rows.append(f"<tr>{tds}</tr>")
+    same = ""
+    if constant:
+        same = '<p class="sub">Same for every row: ' + ", ".join(
+            f"{html.escape(k)} = <b>{html.escape(fmt_key(metrics[k].iloc[0]))}</b>" for k in constant) + "</p>"
+    return (
+        same + '<div class="scroll"><table class="metrics"><thead><tr>'
+        + head
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
+    )
+
+
+
+def write_metrics_files(out: Path, metrics: pd.DataFrame, keys: Sequence[str], notes: Sequence[str]) -> str:
+    """metrics.parquet, metrics.csv and metrics.md (the Markdown table, then the warnings) in
+    `out`. Returns the Markdown table, for the terminal."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics.to_parquet(out / "metrics.parquet", index=False)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    table = metrics_markdown(metrics, keys)
+    (out / "metrics.md").write_text(table + "\n" + "".join(f"\n> warning: {n}" for n in notes) + "\n")
+    return table

@@ -1,0 +1,34 @@
+"""Prompt embeddings for the CLIP score, cached beside the image features.
+
+The CLIP score pairs each image embedding with its prompt's text embedding. Prompts repeat
+across a sweep and across evaluations, so each extractor's text embeddings are kept in one
+.npz in the feature cache folder: re-evaluating does not load the text tower again.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from evals.feature_cache import cache_key
+
+
+def text_embeddings(extractor, prompts: list[str], cache_root: Path) -> dict[str, np.ndarray]:
+    """Prompt -> `extractor.embed_text` embedding, computed only for prompts not in the cache
+    (cache_root/text-<extractor key>.npz, replaced atomically)."""
+    path = Path(cache_root) / f"text-{cache_key(extractor.describe())}.npz"
+    known: dict[str, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            known = dict(zip(z["prompts"].tolist(), z["embeddings"]))
+    missing = [p for p in prompts if p not in known]
+    if missing:
+        known.update(zip(missing, extractor.embed_text(missing)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.npz")
+        np.savez(tmp, prompts=np.array(list(known), dtype=str), embeddings=np.stack(list(known.values())))
+        os.replace(tmp, path)
+    return {p: known[p] for p in prompts}
