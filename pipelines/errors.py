@@ -13,3 +13,19 @@ def one_line(text: str, limit: int = 240) -> str:
     """`text` with its whitespace folded to single spaces, cut to `limit` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def innermost_cause(e: BaseException) -> str:
+    """The innermost cause of a (possibly Ray-wrapped) exception, on one line."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    text = f"{type(e).__name__}: {e}"
+    if "RayTaskError" in type(e).__name__ or "UserCodeException" in type(e).__name__:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]  # the traceback's last line is the cause
+        text = lines[-1] if lines else text
+    return one_line(text, 500)

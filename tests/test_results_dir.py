@@ -323,14 +323,15 @@ def test_a_model_that_fails_to_load_in_the_actor_ends_as_error_rows_with_its_cau
 
 
 def test_a_batch_is_given_up_as_error_rows_after_max_retries_attempts(ray_local):
-    from jobs.generate import GenerateActor
+    from jobs.raydata.session import AttemptCounter
+    from pipelines.generation.worker import GenerateActor
     from jobs.raydata.session import batch_attempts
     from pipelines.registry.models import ModelRegistry
 
     counter = batch_attempts(ray_local, "diffsweep-attempts-test")
     spec = ModelRegistry().get("tiny-random")
     actor = GenerateActor(specs={"tiny-random": spec}, dtype="float32", batch_size=2, torch_threads=1,
-                          attempts="diffsweep-attempts-test", max_attempts=2)
+                          attempts=AttemptCounter("diffsweep-attempts-test"), max_attempts=2)
     batch = pd.DataFrame([dict(sample_id=f"s{i}", prompt="a red circle", negative_prompt="", seed=i, model="tiny-random",
                                scheduler="ddim", steps=2, guidance=1.0, height=32, width=32, cache_interval=1)
                           for i in range(2)])

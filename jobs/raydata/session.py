@@ -82,3 +82,16 @@ def batch_attempts(ray, name: str):
             return self.counts[key]
 
     return BatchAttempts.options(name=name).remote()
+
+
+class AttemptCounter:
+    """What a generation worker calls to learn which attempt at a batch this is: it asks the
+    run's BatchAttempts actor (by name, so it survives pickling into every actor)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, batch_key: str) -> int:
+        import ray
+
+        return ray.get(ray.get_actor(self.name).start.remote(batch_key))

@@ -1,0 +1,214 @@
+"""The generation run on Ray Data: manifest rows -> an actor pool of generation workers ->
+PNG encoding on CPU tasks -> committed result shards, with one progress bar on the driver.
+
+The plan (pipelines/generation/plan.py) has already validated everything and leased the
+results directory; this module only starts the cluster work and commits what comes back.
+A failure or Ctrl-C keeps every finished row; a run whose lease was taken over writes
+nothing more.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from jobs.raydata.session import AttemptCounter, batch_attempts, check_schedulable, init_ray
+from pipelines.contract import MANIFEST_COLUMNS
+from pipelines.errors import innermost_cause
+from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE
+from pipelines.generation.plan import Plan
+from pipelines.generation.speed import SpeedOptions
+from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, GenerateActor, encode_pngs
+from pipelines.storage.lease import LeaseLostError
+
+
+@dataclass
+class RunOptions:
+    """How to run (speed and cluster knobs: none of them changes pixels)."""
+
+    dtype: str = "auto"
+    batch_size: int | str = 8  # or "auto"
+    batching: str = "config"
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    pool_size: int | None = None
+    num_gpus: float | None = None
+    cpus_per_actor: float = 1
+    torch_threads: int | None = None
+    shard_rows: int = 256
+    flush_seconds: float = 60.0
+    max_retries: int = 3
+    schedule_timeout: float = 600.0
+    progress: bool = True
+
+
+def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: str) -> int:
+    """Generate `p.todo` into `p.store`; returns the job's exit code (0, 1 failed, 130 interrupted)."""
+    ray = init_ray(schedule_timeout_s=o.schedule_timeout)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    num_gpus = o.num_gpus if o.num_gpus is not None else (1.0 if gpus else 0.0)
+    check_schedulable(ray, num_gpus=num_gpus, num_cpus=o.cpus_per_actor)
+    p.store.write_run(record)
+    pool = o.pool_size or (max(1, int(gpus // num_gpus)) if num_gpus else 1)
+    this_run.update(pool_size=pool, num_gpus_per_actor=num_gpus, ray_version=ray.__version__)
+    attempts_name = f"diffsweep-attempts-{p.run_id}"
+    attempts = batch_attempts(ray, attempts_name)
+    ds = _dataset(ray, p, o, pool, num_gpus, attempts_name)
+    commit = _Committer(p, o.shard_rows, o.flush_seconds, o.progress)
+    batches = ds.iter_batches(batch_size=None, batch_format="pandas")
+    try:
+        for batch in batches:
+            commit.add(batch)
+        commit.flush()
+    except (Exception, KeyboardInterrupt) as e:  # unrecoverable failure or Ctrl-C: keep what is done
+        _close_quietly(batches)  # stop the pipeline now, not whenever the iterator is collected
+        ray.kill(attempts)
+        return _stopped(e, ray, p, o, commit, record, this_run, out, num_gpus)
+    commit.progress.close()
+    ray.kill(attempts)
+    restarts = _actor_restarts()
+    counts = commit.counts
+    this_run.update(finished_at=now(), ok=counts["ok"], error=counts["error"], shards=commit.seq,
+                    prompts_truncated=counts["truncated"], actor_restarts=restarts)
+    p.store.write_run(record)
+    print(f"done: {counts['ok']} ok, {counts['error']} error, {p.n_done} already in {out} (skipped)"
+          + (f", {restarts} actor restart(s) (their batches were retried)" if restarts else "")
+          + (f"; {counts['truncated']} prompt(s) longer than the text encoder reads were truncated"
+             if counts["truncated"] else ""), file=sys.stderr)
+    return 0
+
+
+def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_name: str):
+    """The Ray Data pipeline. One block per actor call: small blocks spread work evenly over
+    the pool. Continuous batching gets CALL_ROWS_CONTINUOUS batches' worth per call, so its
+    slots stay full (they drain only at the end of each call). Ray Data replaces dead actors
+    and retries their batches (its defaults); the run's attempt counter makes a batch that
+    keeps killing its actor end as error rows after --max-retries instead of looping forever."""
+    rows = p.todo.select(MANIFEST_COLUMNS)
+    batch_size = CPU_BATCH_SIZE if o.batch_size == "auto" and not num_gpus else o.batch_size  # no device memory to fit
+    actor_batch = None if batch_size == "auto" else batch_size  # None: each actor fits it per model and size
+    call_rows = (actor_batch or AUTO_CAP) * (CALL_ROWS_CONTINUOUS if o.batching == "continuous" else 1)
+    blocks = [rows.slice(i, call_rows).to_pandas() for i in range(0, rows.num_rows, call_rows)]
+    threads = o.torch_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // pool))
+    specs = {name: p.registry.get(name) for name in set(p.todo.column("model").to_pylist())}
+    return (
+        ray.data.from_pandas(blocks)
+        .map_batches(
+            GenerateActor,
+            fn_constructor_kwargs=dict(specs=specs, dtype=o.dtype, batch_size=actor_batch, torch_threads=threads,
+                                       batching=o.batching, speed=o.speed.as_dict(),
+                                       attempts=AttemptCounter(attempts_name), max_attempts=o.max_retries + 1),
+            batch_size=call_rows,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            num_gpus=num_gpus,
+            num_cpus=o.cpus_per_actor,
+        )
+        .map_batches(encode_pngs, batch_format="pandas", num_cpus=0.5)
+    )
+
+
+class _Committer:
+    """Result batches -> committed shards of about `shard_rows` rows (or whatever arrived in
+    `flush_seconds`), each sample_id once, counted on the progress bar."""
+
+    def __init__(self, p: Plan, shard_rows: int, flush_seconds: float, progress: bool):
+        self.p, self.shard_rows, self.flush_seconds = p, shard_rows, flush_seconds
+        self.counts = {"ok": 0, "error": 0, "truncated": 0}
+        self.position = {sid: i for i, sid in enumerate(p.manifest.column("sample_id").to_pylist())}
+        self.written: set[str] = set()  # a row reaches the output once, even if Ray hands it over twice
+        self.pending: list[pa.Table] = []
+        self.seq, self.last_flush = 0, time.monotonic()
+        from tqdm import tqdm
+
+        self.progress = tqdm(total=p.todo.num_rows, unit="img", desc="generate", disable=not progress,
+                             dynamic_ncols=True)
+
+    def add(self, batch) -> None:
+        batch = batch[~batch["sample_id"].isin(self.written)]
+        self.written.update(batch["sample_id"])
+        self.pending.append(self.p.result_table(batch, self.position))
+        for status in batch["status"]:
+            self.counts[status] = self.counts.get(status, 0) + 1
+        self.counts["truncated"] += int(batch["prompt_truncated"].sum())
+        self.progress.update(len(batch))
+        self.progress.set_postfix(errors=self.counts["error"], refresh=False)
+        if (sum(t.num_rows for t in self.pending) >= self.shard_rows
+                or time.monotonic() - self.last_flush > self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.p.lease.check()  # never commit after another run took the directory over
+            self.p.store.commit_shard(pa.concat_tables(self.pending), self.p.run_id, self.seq)
+            self.seq += 1
+            self.pending.clear()
+        self.last_flush = time.monotonic()
+
+
+def _stopped(e: BaseException, ray, p: Plan, o: RunOptions, commit: _Committer, record: dict, this_run: dict,
+             out: str, num_gpus: float) -> int:
+    """After a failure or Ctrl-C: commit what arrived (unless the lease is lost), record why, say how to resume."""
+    lost = isinstance(e, LeaseLostError)
+    if not lost:
+        try:
+            commit.flush()
+        except LeaseLostError as le:
+            e, lost = le, True
+    commit.progress.close()
+    reason = "interrupted" if isinstance(e, KeyboardInterrupt) else innermost_cause(e)
+    if isinstance(e, ray.exceptions.GetTimeoutError):
+        total = ray.cluster_resources()
+        reason = (f"the cluster did not start the generation actors within --schedule-timeout "
+                  f"{o.schedule_timeout:g} s (each needs {num_gpus:g} GPU, {o.cpus_per_actor:g} CPU; cluster: "
+                  + ", ".join(f"{k} {total.get(k, 0):g}" for k in ("CPU", "GPU")) + ")")
+    this_run.update(failed_at=now(), ok=commit.counts["ok"], error=commit.counts["error"], shards=commit.seq,
+                    failure=reason)
+    if lost:  # the directory is another run's now: write nothing more there
+        print(f"error: generation stopped: {reason}; this run's {commit.seq} committed shard(s) stay", file=sys.stderr)
+        return 1
+    p.store.write_run(record)
+    done = len(commit.written)
+    print(f"error: generation stopped after {done} of {p.todo.num_rows} rows: {reason}\n"
+          f"The {done} finished rows are saved in {out}; re-run the same command to resume.", file=sys.stderr)
+    return 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
+def _close_quietly(iterator) -> None:
+    try:
+        iterator.close()
+    except Exception:  # noqa: BLE001 - shutting down a pipeline that already failed
+        pass
+
+
+def _actor_restarts() -> int | None:
+    """How many generation actors Ray had to replace (None if the state API is unavailable)."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(GenerateActor))")], detail=True,
+                             timeout=5, raise_on_missing_output=False)
+        return int(sum(getattr(a, "num_restarts", 0) or 0 for a in actors))
+    except Exception:
+        return None
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_record(p: Plan, manifest_path: str, options: dict, versions: dict) -> tuple[dict, dict]:
+    """The results directory's `_run.json` record with this run appended, and this run's entry."""
+    record = {"manifest": manifest_path, "manifest_digest": p.digest, "manifest_rows": p.manifest.num_rows,
+              "options": options, "versions": versions, "runs": (p.previous or {}).get("runs", [])}
+    this_run = {"run_id": p.run_id, "started_at": now(), "host": socket.gethostname(),
+                "python": sys.version.split()[0], "todo": p.todo.num_rows, "skipped_done": p.n_done}
+    if p.set_aside:
+        this_run["set_aside"] = p.set_aside
+    record["runs"].append(this_run)
+    return record, this_run

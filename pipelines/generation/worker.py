@@ -1,0 +1,149 @@
+"""The generation worker: manifest rows in, result rows (raw pixels plus provenance) out.
+
+Ray Data runs one per actor (jobs/raydata/generation.py); the benchmark calls one in
+process. It holds loaded pipelines in a small LRU cache, so an actor loads a model once
+and reuses it across schedulers, steps and guidance; a model that cannot load here turns
+its rows into error rows instead of killing the actor. Nothing here imports ray: where the
+batch attempts are counted across actor restarts is passed in (`attempts`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+import platform
+import socket
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from pipelines.contract import Row
+from pipelines.errors import innermost_cause
+from pipelines.generation.batch_size import BatchSizes
+from pipelines.generation.speed import SpeedOptions, apply_speed_options
+
+CALL_ROWS_CONTINUOUS = 4  # rows per worker call = this x --batch-size with --batching continuous
+
+
+class GenerateActor:
+    """Turns a pandas batch of manifest rows into a pandas batch of result rows."""
+
+    def __init__(self, specs: dict, dtype: str, batch_size: int | None, torch_threads: int | None, cache_size: int = 2,
+                 batching: str = "config", speed: dict | None = None, attempts: Callable[[str], int] | None = None,
+                 max_attempts: int | None = None):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.specs, self.dtype, self.batch_size, self.cache_size = specs, dtype, batch_size, cache_size
+        self.batching = batching
+        self.speed = SpeedOptions(**(speed or {}))
+        self.text_caches: dict = {}  # model name -> prompt embeddings (continuous batching)
+        self.batch_sizes: dict = {}  # model name -> BatchSizes (None: fitted to free memory)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.models: OrderedDict = OrderedDict()
+        self.load_failures: dict[str, str] = {}  # model name -> why it cannot load here (its rows become errors)
+        self.attempts, self.max_attempts = attempts, max_attempts
+        import diffusers
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()  # the driver draws the one progress bar
+        transformers_logging.disable_progress_bar()
+        self.versions = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__}
+
+    def _model(self, name: str):
+        from pipelines.generation.grouped import warm_up
+        from pipelines.registry.models import load_model
+
+        if name in self.models:
+            self.models.move_to_end(name)
+            return self.models[name]
+        while len(self.models) >= self.cache_size:
+            evicted, _ = self.models.popitem(last=False)
+            self.text_caches.pop(evicted, None)
+            self.batch_sizes.pop(evicted, None)
+        model = load_model(self.specs[name], self.device, self.dtype)
+        apply_speed_options(model.pipe, self.speed)
+        warm_up(model)  # also pays torch.compile, if on
+        self.models[name] = model
+        self.batch_sizes[name] = BatchSizes(model, self.batch_size)
+        return model
+
+    def _generate(self, name: str, model, rows: list[Row]):
+        if self.batching == "continuous":
+            from pipelines.generation.continuous import TextCache, generate_mixed
+
+            return generate_mixed(model, rows, self.batch_sizes[name], self.text_caches.setdefault(name, TextCache()))
+        from pipelines.generation.grouped import generate
+
+        return generate(model, rows, self.batch_sizes[name])
+
+    def _row(self, created_at, **fields) -> dict:
+        """One result row: `fields` (sample_id, pixels, status, ...) plus where and how it ran."""
+        return {**fields, "worker": self.worker, "device": f"{self.device}:{self.device_name}",
+                "created_at": created_at, **self.versions}
+
+    def _failed_rows(self, part: pd.DataFrame, message: str) -> list[dict]:
+        now = dt.datetime.now(dt.timezone.utc)
+        return [self._row(now, sample_id=sid, pixels=None, status="error", error=message, prompt_truncated=False,
+                          gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None)
+                for sid in part["sample_id"]]
+
+    def _model_rows(self, name: str, part: pd.DataFrame) -> list[dict]:
+        """The result rows of one model's part of a batch; error rows if the model cannot load here."""
+        if name not in self.load_failures:
+            try:
+                model = self._model(name)
+            except Exception as e:  # noqa: BLE001 - a model that cannot load here: its rows end as error rows
+                self.load_failures[name] = f"model {name!r} could not be loaded on {self.worker}: {innermost_cause(e)}"
+        if name in self.load_failures:
+            return self._failed_rows(part, self.load_failures[name])
+        now = dt.datetime.now(dt.timezone.utc)  # batch start: the benchmark measures start-up from it
+        rows = part.to_dict("records")  # LEAD-TODO: [Row.of(r) ...] once the core takes Rows
+        return [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
+                          status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
+                          gen_seconds=res.gen_seconds, batch_size=res.batch_size, dtype=model.dtype,
+                          model_digest=model.digest)
+                for res in self._generate(name, model, rows)]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # Which attempt at this batch this is (1 = first), counted across actor restarts; 0 when not counted.
+        attempt = self.attempts(batch_key(batch["sample_id"])) if self.attempts else 0
+        if self.max_attempts and attempt > self.max_attempts:  # the previous attempts killed their actors
+            out = self._failed_rows(batch, f"the worker died {attempt - 1} times running this batch of {len(batch)} "
+                                           f"row(s) (killed, out of host memory, or crashed); --max-retries "
+                                           f"{self.max_attempts - 1} exhausted")
+        else:
+            out = [row for name, part in batch.groupby("model", sort=False) for row in self._model_rows(name, part)]
+        sizes = batch.set_index("sample_id")[["height", "width"]]
+        return pd.DataFrame(out).join(sizes, on="sample_id")
+
+
+def batch_key(sample_ids) -> str:
+    """A batch's identity, whatever order its rows arrive in."""
+    return hashlib.sha256("\n".join(sorted(map(str, sample_ids))).encode()).hexdigest()[:16]
+
+
+def encode_pngs(batch: pd.DataFrame) -> pd.DataFrame:
+    """Raw pixels -> PNG bytes; runs in CPU tasks, off the GPU actors' critical path."""
+    from PIL import Image
+
+    images = []
+    for raw, h, w in zip(batch["pixels"], batch["height"], batch["width"]):
+        if not isinstance(raw, (bytes, bytearray, memoryview)):  # an error row (None, or NaN after pandas)
+            images.append(None)
+            continue
+        arr = np.frombuffer(raw, dtype=np.uint8).reshape(int(h), int(w), 3)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+        images.append(buf.getvalue())
+    batch = batch.drop(columns=["pixels", "height", "width"])
+    batch.insert(1, "image", images)
+    return batch
