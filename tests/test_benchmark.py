@@ -1,4 +1,4 @@
-"""jobs/benchmark.py, pipelines/architectures.py and the cluster/ configs, on CPU."""
+"""jobs/benchmark.py, pipelines/benchmarking/ and the cluster/ configs, on CPU."""
 
 import json
 import shlex
@@ -11,6 +11,11 @@ import pytest
 import yaml
 
 from jobs import benchmark
+from pipelines.benchmarking import report
+from pipelines.benchmarking import rows as bench_rows
+from pipelines.benchmarking.busy import Span, busy_intervals, covered_length, device_busy
+from pipelines.benchmarking.history import apply_history
+from pipelines.benchmarking.pixels import half_precision_match, mean_pixel_diff
 from pipelines.registry.models import EMBEDDED_DIR
 from tests.conftest import ROOT
 
@@ -23,7 +28,7 @@ FIELDS = ["run_id", "suite", "model", "path", "device", "device_name", "dtype", 
 
 
 def test_flops_positive_and_linear_in_batch(tiny_model):
-    from pipelines.architectures import count_flops, flops_per_image
+    from pipelines.benchmarking.flops import count_flops, flops_per_image
 
     one = count_flops(tiny_model.pipe, 32, 32, cfg=False)
     assert all(v > 0 for v in one.values())
@@ -38,7 +43,8 @@ def test_flops_positive_and_linear_in_batch(tiny_model):
 def test_real_architectures_match_published_sizes_and_flops():
     """Meta-device builds: no memory, no compute. Parameter counts are those of the
     released checkpoints; SD 1.5's FLOPs are the issue's 1.61 TFLOP per CFG step, 82.8 per image."""
-    from pipelines.architectures import build_random_pipeline, count_flops, flops_per_image, parameter_counts
+    from pipelines.benchmarking.architectures import build_random_pipeline, parameter_counts
+    from pipelines.benchmarking.flops import count_flops, flops_per_image
 
     sd15 = build_random_pipeline("sd15", device="meta")
     assert parameter_counts(sd15) == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
@@ -125,13 +131,13 @@ def test_history_median_over_window(tmp_path):
     history = tmp_path / "h.parquet"
     pd.DataFrame(old + [other]).to_parquet(history, index=False)  # from before the cache_interval key column
     reuse = dict(key, cache_interval=2, run_id="reuse", created_at="2021-01-01", images_per_s=0.1)
-    assert benchmark.apply_history([reuse], str(history), tolerance=0.1, window=3) is False
+    assert apply_history([reuse], str(history), tolerance=0.1, window=3) is False
     assert reuse["baseline_runs"] == 0  # a new configuration: nothing to compare with
     rec = dict(key, cache_interval=1, run_id="now", created_at="2021-01-01", images_per_s=1.9)
-    assert benchmark.apply_history([rec], str(history), tolerance=0.1, window=3) is False
+    assert apply_history([rec], str(history), tolerance=0.1, window=3) is False
     assert rec["baseline_images_per_s"] == 2.0 and rec["baseline_runs"] == 3  # median of r1..r3, not r0 or r9
     rec2 = dict(key, cache_interval=1, run_id="later", created_at="2021-01-02", images_per_s=1.0)
-    assert benchmark.apply_history([rec2], str(history), tolerance=0.1, window=3) is True
+    assert apply_history([rec2], str(history), tolerance=0.1, window=3) is True
     assert len(pd.read_parquet(history)) == 8
 
 
@@ -172,14 +178,14 @@ def test_mixed_sweep_with_both_batchings(tmp_path):
 
 
 def test_covered_length_counts_overlaps_once():
-    assert benchmark.covered_length([]) == 0
-    assert benchmark.covered_length([(5, 6), (0, 2), (1, 3)]) == 4  # unsorted, overlapping
-    assert benchmark.covered_length([(0, 10), (2, 3), (9, 12)]) == 12  # nested, then sticking out
-    assert benchmark.covered_length([(0, 1), (1, 2), (4, 4)]) == 2  # touching; empty
+    assert covered_length([]) == 0
+    assert covered_length([(5, 6), (0, 2), (1, 3)]) == 4  # unsorted, overlapping
+    assert covered_length([(0, 10), (2, 3), (9, 12)]) == 12  # nested, then sticking out
+    assert covered_length([(0, 1), (1, 2), (4, 4)]) == 2  # touching; empty
 
 
 def test_busy_intervals_keeps_top_level_aten_ops_and_device_work():
-    S = benchmark.Span
+    S = Span
     spans = [S("cpu_op", "aten::conv2d", 1, 0, 10), S("cpu_op", "aten::convolution", 1, 0, 9),  # child, same start
              S("cpu_op", "aten::add", 1, 12, 15), S("cpu_op", "aten::empty", 1, 15, 15),
              S("cpu_op", "aten::mm", 2, 5, 20),  # another thread: top level there
@@ -187,9 +193,9 @@ def test_busy_intervals_keeps_top_level_aten_ops_and_device_work():
              S("cuda_runtime", "cudaLaunchKernel", 1, 1, 2), S("kernel", "gemm", 7, 3, 6),
              S("gpu_memcpy", "Memcpy HtoD", 7, 8, 9), S("gpu_memset", "Memset", 7, 9, 10),
              S("gpu_user_annotation", "step", 7, 0, 30)]
-    assert benchmark.busy_intervals(spans, "cpu") == [(0, 10), (5, 20), (12, 15)]
-    assert benchmark.covered_length(benchmark.busy_intervals(spans, "cpu")) == 20
-    assert sorted(benchmark.busy_intervals(spans, "cuda")) == [(3, 6), (8, 9), (9, 10)]
+    assert busy_intervals(spans, "cpu") == [(0, 10), (5, 20), (12, 15)]
+    assert covered_length(busy_intervals(spans, "cpu")) == 20
+    assert sorted(busy_intervals(spans, "cuda")) == [(3, 6), (8, 9), (9, 10)]
 
 
 def test_device_busy_from_a_real_cpu_trace():
@@ -208,8 +214,8 @@ def test_device_busy_from_a_real_cpu_trace():
         for _ in range(40):
             a @ a
 
-    idle, idle_wall = benchmark.device_busy(sleepy, "cpu")
-    busy, _ = benchmark.device_busy(back_to_back, "cpu")
+    idle, idle_wall = device_busy(sleepy, "cpu")
+    busy, _ = device_busy(back_to_back, "cpu")
     assert idle_wall >= 0.2 and 0 < idle < 0.5
     assert idle < busy <= 1 and busy > 0.5
 
@@ -220,10 +226,10 @@ def test_mixed_sweep_header_names_the_schedulers_of_the_model_family():
 
     args = benchmark.parse_args(["--sweep", "mixed", "--steps", "10"])
     spec = ModelRegistry().get("sd35-medium")
-    rows = pd.DataFrame(benchmark.configurations(spec, args), columns=["scheduler", "steps", "guidance"])
-    used = benchmark._schedulers_used(spec, args, rows)
+    rows = pd.DataFrame(bench_rows.configurations(spec, args), columns=["scheduler", "steps", "guidance"])
+    used = bench_rows.schedulers_used(spec, args, rows)
     assert used == ["flow_match_euler", "flow_match_heun"]
-    header = benchmark._configuration(dict(sweep="mixed", steps=10, guidance=4.5, rows=18, height=64, width=64,
+    header = report.configuration(dict(sweep="mixed", steps=10, guidance=4.5, rows=18, height=64, width=64,
                                            schedulers=",".join(used)))
     assert "flow_match_euler / flow_match_heun x [4, 7, 10] steps" in header and "ddim" not in header
     assert args.profile_busy and not benchmark.parse_args([]).profile_busy
@@ -274,12 +280,12 @@ def test_half_precision_is_checked_against_a_float32_reference(tmp_path):
 
 def test_half_precision_verdict_and_mean_difference():
     black, grey = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 10, np.uint8)
-    assert benchmark.mean_pixel_diff({"a": grey, "b": black}, {"a": black, "b": black}) == 5.0
-    assert benchmark.mean_pixel_diff({"a": None}, {"a": black}) is None  # an error row
-    assert benchmark.half_precision_match(3.0, 2.0, tolerance=1.5)  # 3.0 <= 1.5 x 2.0 + 0.5
-    assert not benchmark.half_precision_match(3.6, 2.0, tolerance=1.5)
-    assert benchmark.half_precision_match(0.4, 0.0, tolerance=1.5)  # plain exact: half a level of slack
-    assert not benchmark.half_precision_match(None, 2.0, tolerance=1.5)
+    assert mean_pixel_diff({"a": grey, "b": black}, {"a": black, "b": black}) == 5.0
+    assert mean_pixel_diff({"a": None}, {"a": black}) is None  # an error row
+    assert half_precision_match(3.0, 2.0, tolerance=1.5)  # 3.0 <= 1.5 x 2.0 + 0.5
+    assert not half_precision_match(3.6, 2.0, tolerance=1.5)
+    assert half_precision_match(0.4, 0.0, tolerance=1.5)  # plain exact: half a level of slack
+    assert not half_precision_match(None, 2.0, tolerance=1.5)
 
 
 # --------------------------------------------------------------------------- cluster configs

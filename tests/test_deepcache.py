@@ -126,7 +126,7 @@ def test_unsupported_unet_is_a_clear_error(tiny_model):
 
 
 def test_flops_of_a_reused_step_are_counted(tiny_model):
-    from pipelines.architectures import count_flops, flops_per_image
+    from pipelines.benchmarking.flops import count_flops, flops_per_image
 
     counts = count_flops(tiny_model.pipe, 32, 32)
     assert 0 < counts["unet_shallow_step"] < counts["unet_step"]

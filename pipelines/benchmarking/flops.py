@@ -1,0 +1,122 @@
+"""FLOPs of a text-to-image call, and the device peak they are measured against (MFU).
+
+FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on meta-device twins
+built from the components' configs: no memory, no compute, and the same count on every
+device (on CPU, real tensors would route attention through a fused kernel the counter
+does not see).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device name; anything else: --peak-tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def _meta_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """The same architecture on the meta device, rebuilt from the module's config."""
+    from diffusers import ModelMixin
+
+    with torch.device("meta"):
+        if isinstance(module, ModelMixin):
+            return type(module).from_config(module.config).eval()
+        return type(module)(module.config).eval()  # transformers PreTrainedModel
+
+
+def _count(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1) -> dict[str, int]:
+    """FLOPs of the pieces of one text-to-image call for `batch` images.
+
+    unet_step: one denoising step (the UNet runs on 2*batch latents under classifier-free
+    guidance); vae_decode; text: every text encoder over prompt (and negative prompt under
+    CFG), padded to the tokenizer's length (77 for CLIP). Per image: steps * unet_step + vae_decode + text, over batch.
+    """
+    meta = torch.device("meta")
+    tokens = _prompt_tokens(pipe)
+    unet = _meta_twin(pipe.unet)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    n = batch * (2 if cfg else 1)
+    latents = torch.empty(n, unet.config.in_channels, height // factor, width // factor, device=meta)
+    kwargs = dict(encoder_hidden_states=torch.empty(n, tokens, unet.config.cross_attention_dim, device=meta))
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids
+        n_ids = 6
+        pooled = unet.config.projection_class_embeddings_input_dim - n_ids * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = dict(text_embeds=torch.empty(n, pooled, device=meta),
+                                           time_ids=torch.empty(n, n_ids, device=meta))
+    timestep = torch.full((n,), 500, device=meta)
+    out = {"unet_step": _count(lambda: unet(latents, timestep, **kwargs))}
+    if type(unet).__name__ == "UNet2DConditionModel":  # a step that reuses deep features (cache_interval > 1)
+        from pipelines.generation.deepcache import unet_forward
+
+        args = (unet, latents, timestep, kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs"))
+        _, deep = unet_forward(*args)
+        out["unet_shallow_step"] = _count(lambda: unet_forward(*args, deep=deep))
+    vae = _meta_twin(pipe.vae)
+    z = torch.empty(batch, vae.config.latent_channels, height // factor, width // factor, device=meta)
+    out["vae_decode"] = _count(lambda: vae.decode(z))
+    text = 0
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            twin = _meta_twin(encoder)
+            ids = torch.zeros(n, tokens, dtype=torch.long, device=meta)
+            text += _count(lambda: twin(ids))
+    out["text"] = text
+    return out
+
+
+def _prompt_tokens(pipe) -> int:
+    """Diffusers pads every prompt to the tokenizer's length (77 for CLIP; shorter for small models)."""
+    limit = pipe.text_encoder.config.max_position_embeddings
+    tokenizer = getattr(pipe, "tokenizer", None)
+    return min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
+
+
+def flops_per_image(counts: dict[str, int], steps: int, batch: int = 1, cache_interval: int = 1) -> float:
+    """Per-image FLOPs from `count_flops` output (same `batch`) and a step count; with
+    feature reuse every `cache_interval`-th step is a full UNet step, the others shallow."""
+    full = -(-steps // cache_interval)
+    unet = full * counts["unet_step"] + (steps - full) * counts.get("unet_shallow_step", counts["unet_step"])
+    return (unet + counts["vae_decode"] + counts["text"]) / batch
+
+
+def mean_flops_per_image(rows, counts: dict[str, int], no_cfg: dict[str, int], cache_interval: int) -> float:
+    """Per-image FLOPs averaged over benchmark rows: a row at guidance <= 1 runs no
+    unconditional pass (`no_cfg` counts), each row runs its own step count."""
+    return float(np.mean([flops_per_image(counts if g > 1 else no_cfg, int(k), cache_interval=cache_interval)
+                          for g, k in zip(rows.guidance, rows.steps)]))
+
+
+def measure_cpu_matmul_tflops(n: int = 1024, seconds: float = 0.5) -> float:
+    """What this CPU sustains on an fp32 matmul: the practical ceiling MFU is measured against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops(given: float | None, device: str, device_name: str, dtype: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where the figure comes from): `given` (--peak-tflops), a known GPU's
+    dense half-precision spec, or on CPU a measured fp32 matmul. None if unknown."""
+    if given:
+        return given, "--peak-tflops"
+    if device == "cuda":
+        for key, value in PEAK_TFLOPS.items():
+            if key in device_name and dtype in ("float16", "bfloat16"):
+                return value, f"{key} dense {dtype} spec"
+        return None, "unknown device peak (pass --peak-tflops)"
+    return measure_cpu_matmul_tflops(), "measured fp32 matmul on this CPU"
