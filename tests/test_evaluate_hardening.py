@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from evals.feature_cache import FeatureCache
+from evals.references import Reference, safe_name
 from jobs import evaluate as eval_job
 from jobs import generate as gen_job
 from tests.conftest import ROOT, write_parquet
@@ -225,9 +226,9 @@ def test_directory_named_like_embedded_is_a_directory(healthy, tmp_path, monkeyp
     assert not any(s.startswith(("ref-embedded-1000-", "ref-embedded-4-")) for s in stats)
     capsys.readouterr()
     # The bare names keep meaning the rendered domain, and say so when a directory has that name.
-    ref = eval_job.Reference("embedded")
+    ref = Reference("embedded")
     assert (ref.kind, ref.n) == ("embedded", 1000) and "./embedded" in ref.notes[0]
-    assert (eval_job.Reference("embedded:12").kind, eval_job.Reference("embedded:12").n) == ("embedded", 12)
+    assert (Reference("embedded:12").kind, Reference("embedded:12").n) == ("embedded", 12)
 
 
 @pytest.mark.parametrize("bad", ["embedded:", "embedded:1", "embedded:ten"])
@@ -252,7 +253,7 @@ def test_reference_names_cannot_leave_the_cache_folder(healthy, tmp_path, monkey
     written = [p for p in new if p.startswith("cache/ref-")]
     assert len(written) == 1 and "/" not in written[0][len("cache/"):]  # one folder, both spellings of x
     for name in ["../../etc", "embedded/../../x", "..", "a b/c"]:
-        safe = eval_job.safe_name(name)
+        safe = safe_name(name)
         assert "/" not in safe and not safe.startswith(".") and safe
 
 

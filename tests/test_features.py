@@ -326,7 +326,23 @@ def test_clip_extractor_naming_and_errors(tiny_clip_dir, tmp_path):
 
 def test_evals_never_imports_diffusers_or_ray():
     code = (
-        "import sys; import evals.features, evals.fid, evals.clip_score, evals.diversity, evals.stats, evals.inception; "
+        "import sys; import evals.features, evals.fid, evals.clip_score, evals.diversity, evals.stats, evals.inception, "
+        "evals.references, evals.metrics_table, evals.text_embeddings, evals.attributes, evals.report.page; "
         "bad = [m for m in ('diffusers', 'ray') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_evals_imports_no_other_layer_and_no_private_names():
+    """evals/ works on arrays, frames and paths: it imports neither diffusers, ray, pipelines
+    nor jobs, and no module reaches into another's private (_underscore) names."""
+    for path in sorted((ROOT / "evals").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules, names = [a.name for a in node.names], []
+            elif isinstance(node, ast.ImportFrom):
+                modules, names = [node.module or ""], [a.name for a in node.names]
+            else:
+                continue
+            assert not [m for m in modules if m.split(".")[0] in ("diffusers", "ray", "pipelines", "jobs")], (path, modules)
+            assert not [n for n in names if n.startswith("_") and n != "__future__"], (path, names)
