@@ -99,7 +99,7 @@ def run_options(args):
 
 
 def run(args) -> int:
-    from jobs.raydata.generation import RunOptions, new_record, now, run_generation  # imports ray
+    from jobs.raydata.generation import new_record, now, run_generation
 
     p = plan(args.manifest, args.out, model=args.model, models_file=args.models, lease_seconds=args.lease_seconds,
              overwrite=args.overwrite, retry_errors=args.retry_errors, limit=args.limit)

@@ -39,6 +39,7 @@ class Column:
     pixels: bool = True  # changes the image: enters the sample_id
     run_key: bool = False  # one diffusers call runs one value: rows are grouped by it
     sweep: str | None = None  # make_manifest's spec key for a list of values
+    example: tuple = ()  # a typical sweep over it, shown in messages
     doc: str = ""
 
     @property
@@ -66,12 +67,13 @@ class Row:
     model: str = column(pa.string(), FROM_MODEL, run_key=True, sweep="models",
                         doc="a name in the model registry; default: the job's --model, else 'embedded'")
     scheduler: str = column(pa.string(), FROM_MODEL, run_key=True, sweep="schedulers")
-    steps: int = column(pa.int64(), FROM_MODEL, lo=1, hi=MAX_STEPS, run_key=True, sweep="steps")
-    guidance: float = column(pa.float64(), FROM_MODEL, lo=0, run_key=True, sweep="guidance",
+    steps: int = column(pa.int64(), FROM_MODEL, lo=1, hi=MAX_STEPS, run_key=True, sweep="steps",
+                       example=(10, 25))
+    guidance: float = column(pa.float64(), FROM_MODEL, lo=0, run_key=True, sweep="guidance", example=(1.0, 7.5),
                              doc="<= 1 disables classifier-free guidance")
     height: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
     width: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
-    cache_interval: int = column(pa.int64(), 1, lo=1, hi=MAX_STEPS, run_key=True, sweep="cache_intervals",
+    cache_interval: int = column(pa.int64(), 1, lo=1, hi=MAX_STEPS, run_key=True, sweep="cache_intervals", example=(1, 3),
                                  doc="feature reuse: a full UNet call every N-th step (1 = off)")
 
     @classmethod
