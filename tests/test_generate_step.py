@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines.generation.grouped import generate, to_pixels
+from pipelines.generation.grouped import generate
+from pipelines.generation.results import to_pixels
 from pipelines.registry.models import ModelRegistry
 from pipelines.registry.schedulers import SCHEDULERS, UnknownSchedulerError, make_scheduler, scheduler_names
 from pipelines.schema import validate_manifest

@@ -10,7 +10,7 @@ decode, which is the peak at large sizes) and fits the batch to the free memory:
     n = floor((HEADROOM * available - overhead) / per_row), clamped to [1, AUTO_CAP]
 
 Whatever the size came from, an out-of-memory error halves the batch that hit it
-(`pipelines.generation.grouped`) and lowers the size used for later batches of that image size, so
+(`pipelines.generation.retry`) and lowers the size used for later batches of that image size, so
 one bad guess costs one failed call, not one per batch.
 
 On a CPU there is no device memory to fit: `auto` means CPU_BATCH_SIZE.
@@ -54,25 +54,9 @@ class BatchSizes:
     def _auto(self, height: int, width: int) -> int:
         if not self.model.device.startswith("cuda"):
             return CPU_BATCH_SIZE
-        return probe_batch_size(self.model, height, width)
+        # Imported here, not at the top: the driver imports this module and needs no torch.
+        # pipeline_call does not import this module, so there is no import circle.
+        from pipelines.generation.pipeline_call import measure_peaks
 
-
-def probe_batch_size(model, height: int, width: int, cap: int = AUTO_CAP) -> int:
-    """Fit the batch to free CUDA memory from the measured peaks of 1 and 2 rows."""
-    import torch
-
-    from pipelines.generation.grouped import probe_row, run_batch
-
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    peaks = []
-    for n in (1, 2):
-        torch.cuda.reset_peak_memory_stats()
-        run_batch(model, [probe_row(model.spec, height, width, seed=i) for i in range(n)])
-        peaks.append(torch.cuda.max_memory_allocated() - base)
-    per_row = peaks[1] - peaks[0]
-    overhead = max(0, peaks[0] - per_row)
-    free, _ = torch.cuda.mem_get_info()
-    available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # torch's cache is ours too
-    return fit_batch_size(available, overhead, per_row, cap)
+        overhead, per_row, available = measure_peaks(self.model, height, width)
+        return fit_batch_size(available, overhead, per_row)

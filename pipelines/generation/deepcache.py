@@ -17,6 +17,10 @@ text/time embeddings), split at the shallowest level; ControlNet/adapter residua
 labels and attention masks are not supported (an error says so). The full call goes
 through this eager code too (it has to capture the cached features), so `--compile`
 speeds only rows without feature reuse.
+
+`deep_cache` installs it as a diffusers hook (`FeatureReuse`, through `diffusers.hooks`'
+HookRegistry) for the length of one pipeline call and takes it out on the way out, also
+when the call fails, so no UNet is left running the reuse forward.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 SUPPORTED_ADDITION_EMBEDS = (None, "text_time")
+HOOK_NAME = "diffsweep_feature_reuse"
 
 
 def check_supported(unet) -> None:
@@ -91,40 +97,60 @@ def _up(block, sample, emb, states, res, upsample_size):
     return block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
 
 
-@contextmanager
-def deep_cache(unet, interval: int):
-    """While active, calls of `unet` run the full network every `interval`-th call (the
-    first included) and only the shallowest level in between. Use one context per
-    pipeline call: the cache belongs to that call's batch."""
-    if interval <= 1:
-        yield
-        return
-    check_supported(unet)
-    inner = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper: run the module's own blocks
-    state = {"calls": 0, "deep": None}
+class FeatureReuse(ModelHook):
+    """The UNet's forward with feature reuse, as a diffusers hook (`diffusers.hooks`): the
+    hook registry chains it with the UNet's other diffusers hooks (offloading, layerwise
+    casting) and takes it out again, instead of this module replacing `forward` by hand."""
 
-    def forward(sample, timestep, encoder_hidden_states=None, timestep_cond=None, attention_mask=None,
-                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=True, **extra):
+    _is_stateful = True
+
+    def __init__(self, interval: int):
+        super().__init__()
+        self.interval = interval
+        self.state = {"calls": 0, "deep": None}
+
+    def new_forward(self, unet, sample, timestep, encoder_hidden_states=None, timestep_cond=None,
+                    attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=True,
+                    **extra):
         given = [k for k, v in dict(extra, attention_mask=attention_mask,
                                     cross_attention_kwargs=cross_attention_kwargs).items() if v is not None]
         if given:
             raise ValueError(f"cache_interval > 1 does not support UNet arguments {given}")
-        reuse = state["calls"] % interval != 0 and state["deep"] is not None
+        state = self.state
+        reuse = state["calls"] % self.interval != 0 and state["deep"] is not None
+        inner = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper: run the module's own blocks
         noise, state["deep"] = unet_forward(inner, sample, timestep, encoder_hidden_states, added_cond_kwargs,
                                             timestep_cond, deep=state["deep"] if reuse else None)
         state["calls"] += 1
         return (noise,) if not return_dict else _output(noise)
 
-    had = "forward" in vars(unet)
-    saved = vars(unet).get("forward")
-    unet.forward = forward
+    def reset_state(self, module):
+        self.state.update(calls=0, deep=None)
+        return module
+
+
+@contextmanager
+def deep_cache(unet, interval: int):
+    """While active, calls of `unet` run the full network every `interval`-th call (the
+    first included) and only the shallowest level in between; yields the call count and
+    cache. Use one context per pipeline call: the cache belongs to that call's batch. On
+    exit, also after an error, the UNet is as it was before."""
+    if interval <= 1:
+        yield None
+        return
+    check_supported(unet)
+    before = set(vars(unet))
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    hook = FeatureReuse(interval)
+    registry.register_hook(hook, HOOK_NAME)
     try:
-        yield state
+        yield hook.state
     finally:
-        if had:
-            unet.forward = saved
-        else:
-            del unet.forward
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        if not registry.hooks:  # the registry puts the bound forward back into the instance: drop what it added
+            for name in ("forward", "_diffusers_hook"):
+                if name not in before:
+                    vars(unet).pop(name, None)
 
 
 def _output(noise):

@@ -1,0 +1,76 @@
+"""One diffusers pipeline call for rows that share a configuration.
+
+The pipeline's own `__call__` runs the denoising loop (text encoding, latents, guidance,
+scheduler steps, decode) for every pipeline family the registry loads, so its pixels are
+the reference the other paths are tested against. Each row brings its own prompt,
+negative prompt and seeded generator, so its image does not depend on its batch
+neighbours. The memory probe for `--batch-size auto` lives here too: it measures this call.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipelines.contract import Row
+from pipelines.generation.deepcache import deep_cache
+from pipelines.generation.results import RowResult, image_result, prompts_truncated, to_pixels
+from pipelines.generation.retry import sync
+from pipelines.registry.models import LoadedModel
+from pipelines.registry.schedulers import make_scheduler
+from pipelines.seeding import row_generators
+
+
+def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
+    """One diffusers call for rows that share a configuration (`Row.config()`)."""
+    height, width, scheduler, steps, guidance, cache_interval = rows[0].config()
+    pipe = model.pipe
+    seeds = [int(r.seed) for r in rows]
+    pipe.scheduler = make_scheduler(scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
+    prompts = [r.prompt for r in rows]
+    negatives = [r.negative_prompt or "" for r in rows]
+    truncated = prompts_truncated(pipe, prompts, model.spec.max_prompt_tokens)
+    kwargs = dict(
+        prompt=prompts,
+        num_inference_steps=int(steps),
+        guidance_scale=float(guidance),
+        height=int(height),
+        width=int(width),
+        generator=row_generators(seeds),
+        output_type="pt",  # stays on the device: to_pixels converts there
+    )
+    if guidance > 1 or any(negatives):
+        kwargs["negative_prompt"] = negatives
+    sync(model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), deep_cache(pipe.unet, int(cache_interval)):
+        pixels, finite = to_pixels(pipe(**kwargs).images)
+    per_image = (time.perf_counter() - t0) / len(rows)  # to_pixels ends with a copy to the host: synced
+    return [image_result(row, px, ok, per_image, len(rows), trunc)
+            for row, px, ok, trunc in zip(rows, pixels, finite, truncated)]
+
+
+def probe_row(spec, height: int, width: int, seed: int = 0) -> Row:
+    """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with CFG."""
+    return Row(sample_id=f"probe-{seed}", prompt="probe", negative_prompt="", seed=seed, model=spec.name,
+               scheduler=spec.scheduler, steps=2, guidance=max(spec.guidance, 2.0), height=height, width=width,
+               cache_interval=1)
+
+
+def measure_peaks(model: LoadedModel, height: int, width: int) -> tuple[int, int, int]:
+    """(overhead, per_row, available) bytes on the model's CUDA device, from the peaks of
+    probe calls of one and two rows: peak(n) ~ overhead + n * per_row."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    peaks = []
+    for n in (1, 2):
+        torch.cuda.reset_peak_memory_stats()
+        run_batch(model, [probe_row(model.spec, height, width, seed=i) for i in range(n)])
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    per_row = peaks[1] - peaks[0]
+    overhead = max(0, peaks[0] - per_row)
+    free, _ = torch.cuda.mem_get_info()
+    available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # torch's cache is ours too
+    return overhead, per_row, available

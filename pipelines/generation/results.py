@@ -1,0 +1,61 @@
+"""What a generated row becomes: a RowResult, with uint8 pixels made on the device.
+
+Both generation paths (one diffusers call per configuration, and continuous batching)
+end here, so an image, a non-finite image and a failed row read the same whichever path
+made them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.contract import Row
+
+
+@dataclass
+class RowResult:
+    sample_id: str
+    pixels: np.ndarray | None  # uint8 [H, W, 3], None on error
+    status: str  # "ok" | "error"
+    error: str | None
+    gen_seconds: float  # this image's share of its batch's wall time
+    batch_size: int
+    prompt_truncated: bool
+
+
+def to_pixels(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded images [B, 3, H, W] in [0, 1] (diffusers' output_type="pt") -> uint8 pixels
+    [B, H, W, 3] and whether each image was finite. Clip, x255 and round run in float32 on
+    the device, the same operations as a numpy conversion of output_type="np" (so the same
+    pixels), but only the uint8 result, a quarter of the bytes, crosses to the host, and the
+    host does no per-pixel work while the GPU waits for the next batch."""
+    images = images.float()
+    finite = torch.isfinite(images).flatten(1).all(1)
+    pixels = images.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return pixels.cpu().numpy(), finite.cpu().numpy()
+
+
+def image_result(row: Row, pixels: np.ndarray, finite: bool, seconds: float, batch_size: int,
+                 truncated: bool) -> RowResult:
+    """An ok result, or an error result if the decoded image had NaN/inf pixels."""
+    if not finite:
+        return error_result(row, "non-finite pixels in the decoded image (NaN/inf)", seconds, batch_size, truncated)
+    return RowResult(row.sample_id, pixels, "ok", None, seconds, batch_size, truncated)
+
+
+def error_result(row: Row, message: str, seconds: float = 0.0, batch_size: int = 1,
+                 truncated: bool = False) -> RowResult:
+    return RowResult(row.sample_id, None, "error", message, seconds, batch_size, truncated)
+
+
+def prompts_truncated(pipe, prompts: list[str], max_tokens: int) -> list[bool]:
+    """Whether each prompt is longer than the text encoder reads (diffusers cuts it)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return [False] * len(prompts)
+    limit = min(max_tokens, getattr(tokenizer, "model_max_length", max_tokens))
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    return [n > limit for n in lengths]
