@@ -1,12 +1,12 @@
 """The shipped embedded model: it loads offline, and it measurably learned the domain.
 
 Acceptance criteria from issue 4, on a modest n with margins (the n=512 measurements are
-in docs/embedded.md, made by `python -m pipelines.embedded.measure`).
+in docs/embedded.md, made by `python jobs/measure_embedded.py`). Images come from the
+project's generation step, as in a sweep.
 """
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -21,12 +21,15 @@ GEN_SEED = 123
 
 
 @pytest.fixture(scope="module")
-def loaded():
+def model():
     from diffusers import StableDiffusionPipeline  # noqa: F401  (import time is not load time)
 
-    start = time.perf_counter()
-    pipe = m.load_pipeline()
-    return pipe, time.perf_counter() - start
+    return m.load_embedded()
+
+
+@pytest.fixture(scope="module")
+def loaded(model):
+    return model.pipe, model.load_seconds
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,8 @@ def captions():
 
 
 @pytest.fixture(scope="module")
-def images_g75(pipe, captions):
-    return m.generate(pipe, captions, seed=GEN_SEED)
+def images_g75(model, captions):
+    return m.generate(model, captions, seed=GEN_SEED)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def embeddings(clip, captions, images_g75):
 
 def test_pipeline_loads_offline_with_the_registry_defaults(loaded):
     # Load and generation times (issue: < 5 s, 16 images < 10 s) are measured by
-    # `python -m pipelines.embedded.measure` and recorded in docs/embedded.md, not asserted here.
+    # `python jobs/measure_embedded.py` and recorded in docs/embedded.md, not asserted here.
     from diffusers import DDIMScheduler
 
     pipe, _ = loaded
@@ -110,8 +113,8 @@ def test_generated_images_show_the_caption(images_g75, captions):
     assert accuracy >= 0.8, f"attribute accuracy at guidance 7.5, 25 DDIM steps: {accuracy:.3f}"
 
 
-def test_random_unet_is_near_chance(pipe, captions):
-    images = m.generate(m.random_unet_pipeline(pipe), captions[:16], seed=GEN_SEED, steps=10)
+def test_random_unet_is_near_chance(model, captions):
+    images = m.generate(m.random_unet_model(model), captions[:16], seed=GEN_SEED, steps=10)
     assert domain.attribute_accuracy(images, captions[:16]).mean() < 0.5
 
 
@@ -120,17 +123,17 @@ def test_clip_prefers_matching_captions(embeddings):
     assert m.matched_beats_shuffled(image_emb, text_emb) >= 0.9
 
 
-def test_guidance_7_5_beats_1_0_in_clip_score(pipe, captions, clip, embeddings):
+def test_guidance_7_5_beats_1_0_in_clip_score(model, captions, clip, embeddings):
     image_emb, text_emb = embeddings
-    g1 = m.generate(pipe, captions, seed=GEN_SEED, guidance=1.0)
+    g1 = m.generate(model, captions, seed=GEN_SEED, guidance=1.0)
     assert m.clip_scores(image_emb, text_emb).mean() > m.clip_scores(clip.images(g1), text_emb).mean()
 
 
-def test_fd_trained_beats_random_and_2_steps(pipe, captions, clip, embeddings):
+def test_fd_trained_beats_random_and_2_steps(model, captions, clip, embeddings):
     image_emb, _ = embeddings
     reference = clip.images(domain.render_captions(captions, seed=5))
-    random_images = m.generate(m.random_unet_pipeline(pipe), captions, seed=GEN_SEED)
-    two_steps = m.generate(pipe, captions, seed=GEN_SEED, steps=2)
+    random_images = m.generate(m.random_unet_model(model), captions, seed=GEN_SEED)
+    two_steps = m.generate(model, captions, seed=GEN_SEED, steps=2)
     fd_trained = m.frechet_distance(image_emb, reference)
     fd_random = m.frechet_distance(clip.images(random_images), reference)
     fd_two = m.frechet_distance(clip.images(two_steps), reference)
@@ -138,16 +141,14 @@ def test_fd_trained_beats_random_and_2_steps(pipe, captions, clip, embeddings):
     assert fd_two > fd_trained, (fd_trained, fd_two)
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler",
-                                       "HeunDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler"])
-def test_other_diffusers_schedulers_work(pipe, captions, scheduler):
-    import diffusers
-
+# Registry names of Euler, DPM++ 2M, PNDM, Heun, LMS and UniPC (pipelines/registry/schedulers.py).
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "pndm", "heun", "lms", "unipc"])
+def test_other_diffusers_schedulers_work(model, pipe, captions, scheduler):
     from diffusers import DDIMScheduler
 
     original = pipe.scheduler
     try:
-        images = m.generate(pipe, captions[:8], seed=GEN_SEED, steps=15, scheduler=getattr(diffusers, scheduler))
+        images = m.generate(model, captions[:8], seed=GEN_SEED, steps=15, scheduler=scheduler)
     finally:
         pipe.scheduler = original
     assert isinstance(pipe.scheduler, DDIMScheduler)

@@ -1,58 +1,69 @@
-"""Measure the embedded model against its acceptance criteria; the numbers in docs/embedded.md.
-
-    python -m pipelines.embedded.measure [--n 512] [--threads 2] [--json out.json]
+"""Measuring the embedded model against its acceptance criteria: the numbers in docs/embedded.md
+(`jobs/measure_embedded.py` is the command line; tests/test_embedded_model.py asserts the
+criteria on fewer captions).
 
 Why rendered references: the domain's ground truth is free, so FD here compares generated
 images with exact renders of the same captions (another seed's jitter), in the domain
 CLIP's feature space. The baseline "random model" keeps the trained VAE and text encoder and
 re-initialises only the UNet (same config), so it measures what the UNet learned.
+
+Images are made by the project's generation step (`pipelines.generation.grouped.generate`)
+from manifest rows, so the measured model is the one a sweep runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
 from evals import shapes as domain
-from pipelines.embedded import CLIP_DIR, MODEL_DIR
+from pipelines.contract import Row, sample_id
+from pipelines.embedded import CLIP_DIR
+from pipelines.generation.grouped import generate as generate_rows
+from pipelines.registry.models import LoadedModel, ModelRegistry, load_model
 
 
-def load_pipeline(model_dir=MODEL_DIR):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def load_embedded(device: str = "cpu") -> LoadedModel:
+    """The shipped model as the registry loads it for a sweep (model `embedded`)."""
+    return load_model(ModelRegistry().get("embedded"), device=device)
 
 
-def random_unet_pipeline(pipe, seed: int = 0):
-    """The same pipeline with a freshly initialised UNet of the same architecture."""
+def random_unet_model(model: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The same model with a freshly initialised UNet of the same architecture."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(pipe.unet.config).eval()
-    other = StableDiffusionPipeline(**{**pipe.components, "unet": unet})
-    other.set_progress_bar_config(disable=True)
-    return other
+    unet = UNet2DConditionModel.from_config(model.pipe.unet.config).eval().to(model.device)
+    pipe = StableDiffusionPipeline(**{**model.pipe.components, "unet": unet}, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return dataclasses.replace(model, pipe=pipe, digest="random-unet")
 
 
-def generate(pipe, captions, seed: int = 0, steps: int = 25, guidance: float = 7.5, scheduler=None,
-             batch_size: int = 32) -> np.ndarray:
-    """uint8 (N, 64, 64, 3) images; image i uses its own generator seeded `seed + i`."""
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    out = []
-    for i in range(0, len(captions), batch_size):
-        chunk = list(captions[i : i + batch_size])
-        gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      output_type="np").images
-        out.append(np.clip(np.round(images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
+def caption_rows(model: LoadedModel, captions, seed: int, steps: int, guidance: float,
+                 scheduler: str | None = None) -> list[Row]:
+    """One manifest row per caption at the model's image size; row i has seed `seed + i`."""
+    rows = []
+    for i, caption in enumerate(captions):
+        fields = dict(prompt=caption, negative_prompt="", seed=seed + i, model=model.spec.name,
+                      scheduler=scheduler or model.spec.scheduler, steps=steps, guidance=guidance,
+                      height=model.spec.height, width=model.spec.width)
+        rows.append(Row(sample_id=sample_id(fields), cache_interval=1, **fields))
+    return rows
+
+
+def generate(model: LoadedModel, captions, seed: int = 0, steps: int = 25, guidance: float = 7.5,
+             scheduler: str | None = None, batch_size: int = 32) -> np.ndarray:
+    """uint8 (N, 64, 64, 3) images, image i from seed `seed + i`. `scheduler` is a registry
+    name (pipelines.registry.schedulers; default: the model's). A row that fails is an error
+    here: a measurement with missing images would be wrong."""
+    results = generate_rows(model, caption_rows(model, captions, seed, steps, guidance, scheduler), batch_size)
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(results)} images failed; first: {failed[0].error}")
+    return np.stack([r.pixels for r in results])
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,24 +101,25 @@ def matched_beats_shuffled(image_emb, text_emb, seed: int = 0) -> float:
 
 
 def measure(n: int = 512, seed: int = 0) -> dict:
+    """Every number of docs/embedded.md's table, on `n` captions sampled from the grammar."""
     captions = domain.sample_captions(n, seed=10_000 + seed)
     reference = domain.render_captions(captions, seed=20_000 + seed)
 
     import diffusers  # noqa: F401  (importing the library is not loading the model)
 
     t = time.perf_counter()
-    pipe = load_pipeline()
+    model = load_embedded()
     load_s = time.perf_counter() - t
-    generate(pipe, captions[:4], steps=2)  # warm-up
+    generate(model, captions[:4], steps=2)  # warm-up
     t = time.perf_counter()
-    generate(pipe, captions[:16], seed=seed)
+    generate(model, captions[:16], seed=seed)
     gen16_s = time.perf_counter() - t
 
     runs = {
-        "trained_g7.5_25steps": generate(pipe, captions, seed=seed),
-        "trained_g7.5_2steps": generate(pipe, captions, seed=seed, steps=2),
-        "trained_g1.0_25steps": generate(pipe, captions, seed=seed, guidance=1.0),
-        "random_unet_g7.5_25steps": generate(random_unet_pipeline(pipe), captions, seed=seed),
+        "trained_g7.5_25steps": generate(model, captions, seed=seed),
+        "trained_g7.5_2steps": generate(model, captions, seed=seed, steps=2),
+        "trained_g1.0_25steps": generate(model, captions, seed=seed, guidance=1.0),
+        "random_unet_g7.5_25steps": generate(random_unet_model(model), captions, seed=seed),
         "rendered_ground_truth": domain.render_captions(captions, seed=30_000 + seed),
     }
     clip = DomainClip()
@@ -132,23 +144,3 @@ def to_markdown(results: dict) -> str:
     lines.append(f"\nn = {results['n']} captions; load {results['load_s']:.2f} s; "
                  f"16 images at 25 steps {results['generate_16_images_25_steps_s']:.2f} s")
     return "\n".join(lines)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = measure(args.n, args.seed)
-    print(to_markdown(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()
