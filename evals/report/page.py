@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from evals.report.format import key_columns
 from evals.report.grid import grid_html
 from evals.report.plots import PlotSkipped, figure_png, plot_clip_vs_fid, plot_fid_vs_steps, plot_quality_vs_cost
-from evals.report.format import key_columns
 from evals.report.tables import metrics_table_html
 
 _CSS = """
