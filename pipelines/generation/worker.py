@@ -106,7 +106,7 @@ class GenerateActor:
         if name in self.load_failures:
             return self._failed_rows(part, self.load_failures[name])
         now = dt.datetime.now(dt.timezone.utc)  # batch start: the benchmark measures start-up from it
-        rows = part.to_dict("records")  # LEAD-TODO: [Row.of(r) ...] once the core takes Rows
+        rows = [Row.of(r) for r in part.to_dict("records")]
         return [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
                           status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
                           gen_seconds=res.gen_seconds, batch_size=res.batch_size, dtype=model.dtype,
