@@ -159,54 +159,7 @@ def check_spec(spec: dict, registry: ModelRegistry, labels: dict | None = None) 
         raise InputError(f"{labels['*']}: unknown keys {short_repr(sorted(map(str, unknown)))}; "
                          f"allowed: {sorted(SPEC_KEYS)}")
     spec = {k: v for k, v in spec.items() if v is not None}  # null = not given: the default
-
-    def items(key: str, split: bool) -> list | None:
-        """A key's values: a list, a single value, or (names and sizes) a comma-separated string."""
-        if key not in spec:
-            return None
-        v = spec[key]
-        if isinstance(v, dict):
-            bad.add(key, v, "a list of values (or a single value)")
-            return None
-        values = v if isinstance(v, list) else ([s.strip() for s in v.split(",")] if split and isinstance(v, str) else [v])
-        if split and isinstance(v, str):
-            values = [s for s in values if s]
-        if not values:
-            bad.add(key, v, "at least one value (leave the key out for each model's default)")
-            return None
-        return values
-
-    def axis(key: str, split: bool, check, expected: str) -> list:
-        values = items(key, split)
-        if values is None:
-            return [None]
-        out, seen = [], {}
-        for v in values:
-            norm = check(v)
-            if norm is None:
-                bad.add(key, v, expected)
-            elif norm in seen:
-                bad.add(key, v, "each value once", got=f"{short_repr(v)} twice")
-            else:
-                seen[norm] = v
-                out.append(norm)
-        return out or [None]
-
-    axes = {"model": axis("models", True, lambda v: v if isinstance(v, str) and v in registry else None,
-                          "a registered model (" + ", ".join(registry.names()) + ")"),
-            "scheduler": axis("schedulers", True, lambda v: v if isinstance(v, str) and v in SCHEDULERS else None,
-                              "a scheduler name (" + ", ".join(SCHEDULERS) + ")")}
-    def size(v):
-        hw = parse_size(v)
-        return hw if hw and all(COLUMN["height"].lo <= s <= COLUMN["height"].hi for s in hw) else None
-
-    for c in COLUMNS:  # every other swept column, its values checked against the contract's range
-        if c.name == "height":  # height and width are swept together, as sizes
-            axes["size"] = axis("sizes", True, size, f"sizes N or HxW (e.g. 512 or 512x768), each side in "
-                                                     f"[{c.lo}, {c.hi}]")
-        elif c.sweep and c.name not in ("seed", "model", "scheduler", "width"):
-            axes[c.name] = axis(c.sweep, False, *_number_check(c))
-
+    axes = _axes(_Values(spec, bad), registry)
     n_seeds = spec.get("seeds_per_prompt", 1)
     if not (_is_int(n_seeds) and n_seeds >= 1):
         bad.add("seeds_per_prompt", n_seeds, "an integer >= 1")
@@ -219,30 +172,92 @@ def check_spec(spec: dict, registry: ModelRegistry, labels: dict | None = None) 
     if negative is not None and not isinstance(negative, str):
         bad.add("negative_prompt", negative, "a string")
         negative = None
+    prompts = _prompts(spec.get("prompts"), bad)
+    bad.raise_if_any()
+    return Sweep(prompts=read_prompts(prompts, labels["prompts"]), n_seeds=n_seeds, seed=seed,
+                 negative_prompt=negative, axes=axes)
 
-    prompts = None
-    source = spec.get("prompts")
+
+class _Values:
+    """A spec's swept keys read as lists of checked, distinct values; problems go to `bad`."""
+
+    def __init__(self, spec: dict, bad: _Problems):
+        self.spec, self.bad = spec, bad
+
+    def items(self, key: str, split: bool) -> list | None:
+        """A key's values: a list, a single value, or (names and sizes) a comma-separated string."""
+        if key not in self.spec:
+            return None
+        v = self.spec[key]
+        if isinstance(v, dict):
+            self.bad.add(key, v, "a list of values (or a single value)")
+            return None
+        values = v if isinstance(v, list) else ([s.strip() for s in v.split(",")] if split and isinstance(v, str) else [v])
+        if split and isinstance(v, str):
+            values = [s for s in values if s]
+        if not values:
+            self.bad.add(key, v, "at least one value (leave the key out for each model's default)")
+            return None
+        return values
+
+    def axis(self, key: str, split: bool, check, expected: str) -> list:
+        """The checked values of one axis; [None] (each model's default) when the key is not given."""
+        values = self.items(key, split)
+        if values is None:
+            return [None]
+        out, seen = [], {}
+        for v in values:
+            norm = check(v)
+            if norm is None:
+                self.bad.add(key, v, expected)
+            elif norm in seen:
+                self.bad.add(key, v, "each value once", got=f"{short_repr(v)} twice")
+            else:
+                seen[norm] = v
+                out.append(norm)
+        return out or [None]
+
+
+def _axes(values: _Values, registry: ModelRegistry) -> dict:
+    """Manifest column (or "size": height and width together) -> the values swept over."""
+    axes = {"model": values.axis("models", True, lambda v: v if isinstance(v, str) and v in registry else None,
+                                 "a registered model (" + ", ".join(registry.names()) + ")"),
+            "scheduler": values.axis("schedulers", True, lambda v: v if isinstance(v, str) and v in SCHEDULERS else None,
+                                     "a scheduler name (" + ", ".join(SCHEDULERS) + ")")}
+    side = COLUMN["height"]
+
+    def size(v):
+        hw = parse_size(v)
+        return hw if hw and all(side.lo <= s <= side.hi for s in hw) else None
+
+    for c in COLUMNS:  # every other swept column, its values checked against the contract's range
+        if c.name == "height":
+            axes["size"] = values.axis("sizes", True, size, f"sizes N or HxW (e.g. 512 or 512x768), each side in "
+                                                            f"[{side.lo}, {side.hi}]")
+        elif c.sweep and c.name not in ("seed", "model", "scheduler", "width"):
+            axes[c.name] = values.axis(c.sweep, False, *_number_check(c))
+    return axes
+
+
+def _prompts(source, bad: _Problems):
+    """The prompts key checked: a list of non-empty strings or a file path (read later); None if bad."""
     if source is None:
-        bad.items.append(f"{labels['prompts']}: required (a list of prompts, or a .txt/.csv/.jsonl/.parquet file)")
+        bad.items.append(f"{bad.labels['prompts']}: required (a list of prompts, or a .txt/.csv/.jsonl/.parquet file)")
     elif isinstance(source, list):
         wrong = [(i, p) for i, p in enumerate(source) if not isinstance(p, str) or not p.strip()]
         for i, p in wrong[:3]:
             bad.add("prompts", p, "a non-empty string (quote numbers, e.g. '1984')", got=f"item {i}: {describe(p)}")
         if len(wrong) > 3:
-            bad.items.append(f"{labels['prompts']}: {len(wrong) - 3} more items that are not non-empty strings")
+            bad.items.append(f"{bad.labels['prompts']}: {len(wrong) - 3} more items that are not non-empty strings")
         if not source:
             bad.add("prompts", source, "at least one prompt")
         elif not wrong:
-            prompts = source
+            return source
     elif not isinstance(source, str) or not source.strip():
         bad.add("prompts", source, "a list of prompts, or the path of a .txt/.csv/.jsonl/.parquet file")
     else:
-        prompts = source
-    bad.raise_if_any()
-    return Sweep(
-        prompts=read_prompts(prompts, labels["prompts"]), n_seeds=n_seeds, seed=seed, negative_prompt=negative,
-        axes=axes,
-    )
+        return source
+    return None
 
 
 def build_manifest(spec: dict | Sweep, registry: ModelRegistry, max_rows: int = DEFAULT_MAX_ROWS,
