@@ -139,7 +139,10 @@ def deep_cache(unet, interval: int):
         yield None
         return
     check_supported(unet)
-    before = set(vars(unet))
+    # torch.compile's wrapper keeps `forward` itself and hands other attributes (the
+    # registry) to its module: note what both hold, to leave them as they were.
+    modules = [unet] + ([unet._orig_mod] if hasattr(unet, "_orig_mod") else [])
+    before = [set(vars(m)) for m in modules]
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     hook = FeatureReuse(interval)
     registry.register_hook(hook, HOOK_NAME)
@@ -148,9 +151,10 @@ def deep_cache(unet, interval: int):
     finally:
         registry.remove_hook(HOOK_NAME, recurse=False)
         if not registry.hooks:  # the registry puts the bound forward back into the instance: drop what it added
-            for name in ("forward", "_diffusers_hook"):
-                if name not in before:
-                    vars(unet).pop(name, None)
+            for module, had in zip(modules, before):
+                for name in ("forward", "_diffusers_hook"):
+                    if name not in had:
+                        vars(module).pop(name, None)
 
 
 def _output(noise):
