@@ -1,8 +1,13 @@
 """jobs/benchmark.py, pipelines/benchmarking/ and the cluster/ configs, on CPU."""
 
+import copy
+import fnmatch
+import importlib
 import json
+import re
 import shlex
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,7 @@ from jobs import benchmark
 from pipelines.benchmarking import report
 from pipelines.benchmarking import rows as bench_rows
 from pipelines.benchmarking.busy import Span, busy_intervals, covered_length, device_busy
+from pipelines.benchmarking.flops import count_flops
 from pipelines.benchmarking.history import apply_history
 from pipelines.benchmarking.pixels import half_precision_match, mean_pixel_diff
 from pipelines.registry.models import EMBEDDED_DIR
@@ -74,7 +80,29 @@ def suite(tmp_path_factory, ray_local):
     return out
 
 
-def test_suite_writes_json_parquet_markdown(suite):
+def _plain_path_vs_a_direct_diffusers_call(tiny_model) -> int:
+    """Largest pixel difference between the plain timed path's first batch and the same rows
+    through a diffusers pipeline called here directly (its default PIL output)."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from pipelines.benchmarking.plain import time_plain
+
+    spec = tiny_model.spec
+    rows = bench_rows.make_rows(spec, benchmark.parse_args(["--model", "tiny-random", "--steps", "2"]), 4)
+    _, first, _, _ = time_plain(spec, rows, 2, "cpu", "float32")
+    chunk = rows[rows.sample_id.isin(list(first))]
+    pipe = copy.copy(tiny_model.pipe)  # the fixture's pipeline keeps its scheduler
+    pipe.scheduler = DDIMScheduler.from_config(tiny_model.scheduler_config)  # as diffusers' docs swap one
+    images = pipe(prompt=list(chunk.prompt), negative_prompt=list(chunk.negative_prompt), num_inference_steps=2,
+                  guidance_scale=float(chunk.guidance.iloc[0]), height=spec.height, width=spec.width,
+                  generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk.seed]).images
+    assert len(images) == len(first) == 2
+    return max(int(np.abs(np.asarray(im, np.int16) - first[sid].astype(np.int16)).max())
+               for sid, im in zip(chunk.sample_id, images))
+
+
+def test_suite_writes_json_parquet_markdown(suite, tiny_model):
     doc = json.loads((suite / "throughput.json").read_text())
     assert doc["environment"]["device"] == "cpu" and doc["environment"]["torch_version"]
     recs = pd.DataFrame(doc["records"])
@@ -83,7 +111,7 @@ def test_suite_writes_json_parquet_markdown(suite):
     for col in ["images_per_s", "s_per_image", "flops_per_image", "achieved_tflops", "mfu", "seconds"]:
         assert (recs[col] > 0).all(), col
     assert (recs.batch_size == 2).all() and (recs.rows == 4).all() and (recs.errors == 0).all()
-    assert (recs.images_per_s * recs.s_per_image).round(6).eq(1).all()
+    assert _plain_path_vs_a_direct_diffusers_call(tiny_model) <= 1  # the baseline is what a user gets
     parquet = pd.read_parquet(suite / "throughput.parquet")
     assert len(parquet) == 3 and set(FIELDS) <= set(parquet.columns)
     md = (suite / "throughput.md").read_text()
@@ -97,7 +125,7 @@ def test_same_pixels_and_ray_overhead(suite):
     assert recs["actor"]["pixels_compared"] == 2  # the first batch
     assert recs["ray"]["pixels_match"] is True and recs["ray"]["pixels_compared"] == 4
     ratio = recs["ray"]["ray_overhead_ratio"]
-    assert ratio == pytest.approx(recs["ray"]["images_per_s"] / recs["actor"]["images_per_s"])
+    assert recs["ray"]["startup_s"] < recs["ray"]["seconds"] and recs["ray"]["ray_steady_ratio"] > ratio
     assert 0 < ratio and 0 < recs["ray"]["ray_steady_ratio"] and recs["ray"]["startup_s"] >= 0
     assert recs["plain"]["vs_plain"] == 1.0 and recs["actor"]["peak_mem_bytes"] > 0
     assert 0 < recs["ray"]["actor_busy"] <= 1
@@ -245,7 +273,7 @@ def test_suite_runs_on_the_embedded_model(tmp_path):
     assert all(r["images_per_s"] > 0 for r in recs) and recs[-1]["pixels_match"] is True
 
 
-def test_cache_interval_times_feature_reuse_against_unmodified_plain_diffusers(tmp_path):
+def test_cache_interval_times_feature_reuse_against_unmodified_plain_diffusers(tmp_path, tiny_model):
     """The actor runs the rows with feature reuse; plain diffusers stays the unmodified
     reference, so its pixels are not compared, and each path's MFU counts the FLOPs it ran."""
     assert benchmark.main(["--model", "tiny-random", "--rows", "2", "--steps", "4", "--batch-sizes", "2",
@@ -254,8 +282,10 @@ def test_cache_interval_times_feature_reuse_against_unmodified_plain_diffusers(t
     plain, actor = recs["plain"], recs["actor"]
     assert (plain["cache_interval"], actor["cache_interval"]) == (1, 2)
     assert actor["flops_per_image"] < plain["flops_per_image"]  # 2 of the 4 steps are shallow
-    for r in (plain, actor):
-        assert r["achieved_tflops"] == pytest.approx(r["images_per_s"] * r["flops_per_image"] / 1e12)
+    counts = count_flops(tiny_model.pipe, plain["height"], plain["width"])  # plain: 4 full steps; actor: 2 + 2 shallow
+    rest = counts["vae_decode"] + counts["text"]
+    assert plain["flops_per_image"] == pytest.approx(4 * counts["unet_step"] + rest)
+    assert actor["flops_per_image"] == pytest.approx(2 * counts["unet_step"] + 2 * counts["unet_shallow_step"] + rest)
     assert actor["pixels_match"] is None and actor["errors"] == 0
     md = (tmp_path / "throughput.md").read_text()
     assert "diffsweep actor (cache_interval 2)" in md and "TFLOP at cache_interval 2" in md
@@ -309,10 +339,64 @@ def _find(doc, key):
             yield from _find(v, key)
 
 
+def _job_commands(text: str, doc) -> list[list[str]]:
+    """Every `python jobs/NAME.py ...` command in a cluster file, as [script, *flags]: the YAML
+    entrypoints and the usage lines in its comments (a trailing backslash continues a line)."""
+    comments = "\n".join(line.split("#", 1)[1] for line in text.splitlines() if "#" in line)
+    logical = [*_find(doc, "entrypoint"), *comments.replace("\\\n", " ").splitlines()]
+    return [shlex.split(m.group(1)) for line in logical for m in re.finditer(r"python3? (jobs/\S+\.py.*)", line)]
+
+
+def _excluded(pattern: str, path: str) -> bool:
+    """Whether a runtime_env `excludes` entry (gitignore style) drops `path`."""
+    if pattern.endswith("/"):
+        return pattern.rstrip("/") in path.split("/")[:-1]
+    return fnmatch.fnmatch(path if "/" in pattern else path.rsplit("/", 1)[-1], pattern)
+
+
+def _check_runtime_env(env: dict, where: str, working_dir: Path) -> None:
+    """working_dir holds the jobs, excludes drop none of the code, pip entries are requirements
+    of this project that the versions tested here satisfy."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    assert (working_dir / "jobs" / "generate.py").is_file(), f"{where}: working_dir {env['working_dir']!r}"
+    code = [str(f.relative_to(ROOT)) for d in ("jobs", "pipelines", "evals") for f in (ROOT / d).rglob("*")
+            if f.is_file() and "__pycache__" not in f.parts]
+    dropped = [(x, f) for x in env.get("excludes", []) for f in code if _excluded(x, f)]
+    assert not dropped, f"{where}: excludes drop code: {dropped[:3]}"
+    ours = {canonicalize_name(Requirement(r).name)
+            for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for entry in env.get("pip", []):
+        req = Requirement(entry)
+        assert canonicalize_name(req.name) in ours, f"{where}: pip {entry!r} is not a dependency in pyproject.toml"
+        assert req.specifier.contains(metadata.version(req.name)), \
+            f"{where}: pip {entry!r}, but the tests ran {req.name} {metadata.version(req.name)}"
+
+
 @pytest.mark.parametrize("name", ["runtime_env.yaml", "cluster.yaml", "rayjob.yaml", "benchmark-cronjob.yaml"])
-def test_cluster_yaml_parses(name):
-    doc = yaml.safe_load((CLUSTER / name).read_text())
-    assert isinstance(doc, dict) and doc
+def test_cluster_files_name_real_jobs_flags_paths_and_packages(name):
+    """Every job command in a cluster file names a script that exists, with flags its parser
+    accepts; every cluster/ file it names exists; its runtime environments resolve."""
+    text = (CLUSTER / name).read_text()
+    doc = yaml.safe_load(text)
+    for script, *flags in _job_commands(text, doc):
+        assert (ROOT / script).is_file(), f"{name}: {script} does not exist"
+        module = importlib.import_module("jobs." + Path(script).stem)
+        try:
+            module.parse_args(flags)
+        except SystemExit:
+            pytest.fail(f"{name}: {script} refuses {' '.join(flags)}")
+    for mentioned in re.findall(r"cluster/[\w.-]+", text):
+        assert (ROOT / mentioned).is_file(), f"{name}: names {mentioned}, which does not exist"
+    if name == "runtime_env.yaml":  # used from the repository root: ray job submit --runtime-env cluster/...
+        _check_runtime_env(doc, name, ROOT / doc["working_dir"])
+    for env_yaml in _find(doc, "runtimeEnvYAML"):  # KubeRay: the image's checkout, where the containers start
+        env = yaml.safe_load(env_yaml)
+        assert {env["working_dir"]} == set(_find(doc, "workingDir")), f"{name}: working_dir vs containers"
+        _check_runtime_env(env, name, ROOT)
 
 
 @pytest.mark.parametrize("name,script", [("rayjob.yaml", "jobs/generate.py"),
