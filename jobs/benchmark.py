@@ -62,7 +62,7 @@ EXIT_REGRESSION = 3
 EXIT_PIXELS = 4
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", default="throughput", choices=["throughput"], help="which benchmark (default throughput)")
     p.add_argument("--model", action="append", default=None, metavar="NAME",
@@ -113,6 +113,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--half-tolerance", type=float, default=1.5,
                    help="half precision: a path's mean |difference| to a float32 reference may be this many times "
                         "plain diffusers' own, + 0.5 level (default 1.5)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with comma lists split and every value checked (argparse's exit 2 on a bad one)."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.command = "python jobs/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.profile_busy is None:

@@ -29,7 +29,9 @@ class RayJobPath:
     """`start()` once before any clock runs; `time(...)` per model, batch size and batching."""
 
     def start(self) -> None:
-        """Ray up before the clock starts: timing is from job submit, on a running cluster."""
+        """Ray up before the clock starts: timing is from job submit, on a running cluster.
+        Connected as jobs/generate.py connects (RAY_ADDRESS's cluster with the submitter's
+        runtime environment, else a Ray on this machine that can import this checkout)."""
         init_ray()
 
     def time(self, spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, work: Path, models_file,
