@@ -1,15 +1,19 @@
 """CLIP score: 100 x cosine similarity between an image and its prompt, in CLIP space.
 
-Matches torchmetrics' `CLIPScore` exactly (checked in tests/test_clip_score.py). Note what
-torchmetrics actually computes, which is not quite its docstring's formula: each pair scores
-100 * cos(image, text), the scores are averaged, and only the average is clamped at 0:
+One definition everywhere in diffsweep (the evaluation job, its bootstrap interval, the
+embedded model's measurements): torchmetrics' `CLIPScore`, checked against it in
+tests/test_clip_score.py. Note what torchmetrics actually computes, which is not quite its
+docstring's formula: each pair scores 100 * cos(image, text), the scores are averaged, and only
+the average is clamped at 0:
 
     CLIPScore(set) = max(mean_i 100 cos(I_i, C_i), 0)
 
 So the per-image score (torchmetrics on a single pair) is max(100 cos, 0), but the set's score
-is not the mean of the per-image scores when some cosines are negative. We keep the raw
-(unclamped) per-pair scores as the primitive, so the aggregate and its bootstrap interval can be
-computed from them exactly.
+is not the mean of the per-image scores when some cosines are negative (on noise images the
+mean of clamped scores is several times the set's score). The raw, unclamped per-pair scores
+are the primitive: the set's score and its bootstrap interval (resample pairs, then
+mean-then-clamp) are computed from them, and the evaluation job writes them per image
+(image_scores.parquet, column clip_score_raw) for analysis.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def raw_clip_scores(image_emb, text_emb) -> np.ndarray:
 
 
 def clip_score_per_image(image_emb, text_emb) -> np.ndarray:
-    """Per-image CLIP score, max(100 cos, 0): what torchmetrics reports for one image-text pair."""
+    """Per-image CLIP score, max(100 cos, 0): what torchmetrics reports for one image-text pair.
+    Do not average these for a set: use `clip_score` (or `aggregate_clip_score` of the raw scores)."""
     return np.maximum(raw_clip_scores(image_emb, text_emb), 0.0)
 
 

@@ -1,9 +1,12 @@
-"""Per-image features cached on disk, keyed by (sample_id, extractor).
+"""Per-image features cached on disk, keyed by (sample_id, everything that changes them).
 
 Extracting features is the expensive part of an evaluation; the statistics are cheap. So
 each extractor's features live in their own folder, named clean-fid style by extractor,
-resize mode and image size, as Parquet shards (sample_id, features). Re-evaluating, or
-comparing against a new reference, reads them instead of recomputing.
+resize mode and image size, then a digest of the rest of its description (feature
+dimension, image-processor variant, weights): a retrained CLIP, or transformers building a
+torchvision image processor instead of the PIL one, gets a new folder instead of stale
+features. The folder holds Parquet shards (sample_id, features). Re-evaluating, or comparing
+against a new reference, reads them instead of recomputing.
 
 A shard is written in the folder's `_staging/` subfolder and renamed into place, so a glob
 of `<key>/*.parquet` (or `<key>/part-*.parquet`) only ever sees whole shards. Older
@@ -14,6 +17,8 @@ and named in `bad`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 import uuid
@@ -26,10 +31,75 @@ import pyarrow.parquet as pq
 STAGING_DIR = "_staging"
 
 
+_READABLE = ("extractor", "resize_mode", "image_size")  # spelled out in the folder name
+_WEIGHT_SUFFIXES = (".json", ".safetensors", ".txt")  # what HFCLIPExtractor reads from its directory
+
+
 def cache_key(describe: dict) -> str:
-    """Folder name for an extractor's features, e.g. 'embedded-clip_pil-64'."""
-    raw = f"{describe['extractor']}-{describe['resize_mode']}-{describe['image_size']}"
+    """Folder name for an extractor's features, e.g. 'embedded-clip-processor-64-1a2b3c4d5e':
+    extractor, resize mode and image size, then a digest of every other field of `describe`
+    (dim, image_processor, weights, ...), so that anything that changes the features changes
+    the folder."""
+    raw = "-".join(str(describe[k]) for k in _READABLE)
+    rest = {k: describe[k] for k in sorted(describe) if k not in _READABLE}
+    if rest:
+        raw += "-" + hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
+
+
+def files_digest(paths) -> str:
+    """sha256 (first 12 hex digits) of the files' names and contents: the identity of a model's
+    weights that survives copying and re-cloning (an mtime would not)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def hf_image_processor_backend(model_dir: Path) -> str:
+    """The image processor `CLIPProcessor.from_pretrained(model_dir)` builds here: 'torchvision'
+    or 'pil'. Their resizes differ, and so do the features. transformers 5 picks torchvision
+    whenever it imports; transformers 4 the saved class (a '...Fast' one is torchvision).
+    Read without building the processor (that costs seconds; cached features need none)."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return "torchvision" if is_torchvision_available() else "pil"
+    saved = ""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (model_dir / name).is_file():
+            doc = json.loads((model_dir / name).read_text())
+            saved = str(doc.get("image_processor_type") or doc.get("image_processor", {}).get("image_processor_type", ""))
+            break
+    return "torchvision" if saved.endswith("Fast") and is_torchvision_available() else "pil"
+
+
+def feature_description(extractor, weights_file: str | Path | None = None) -> dict:
+    """`extractor.describe()` plus what else changes its features: `image_processor` (how
+    images become model input) and `weights` (a digest of the model files; the Inception
+    weights are checked against their published sha256 on load, so they are named by it).
+    `weights_file`: the checkpoint of an extractor that does not keep its path (open_clip)."""
+    desc = dict(extractor.describe())
+    model_dir = getattr(extractor, "path", None)
+    if desc["resize_mode"] == "clip-processor" and model_dir is not None:
+        model_dir = Path(model_dir)
+        desc["image_processor"] = hf_image_processor_backend(model_dir)
+        files = [p for p in model_dir.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES]
+        desc["weights"] = files_digest(files)
+    elif desc["extractor"] == "inception":
+        from evals.inception import WEIGHTS_SHA256_PREFIX
+
+        desc["image_processor"] = "pil"  # clean-fid's clean resize: PIL bicubic per channel
+        desc["weights"] = f"pt_inception sha256 {WEIGHTS_SHA256_PREFIX}"
+    else:  # open_clip: its preprocess transform on PIL images
+        desc["image_processor"] = "open_clip"
+        if weights_file is not None:
+            desc["weights"] = files_digest([weights_file])
+    return desc
 
 
 class FeatureCache:

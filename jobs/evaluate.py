@@ -8,8 +8,9 @@ Vendi) and how expensive (GPU-seconds per image) its images are.
     python jobs/evaluate.py --make-reference coco-val.npz ref_images/ --features inception
 
 Features are extracted by a Ray Data actor pool over the result shards and cached per
-(sample_id, extractor) in RESULTS/_features, so a second evaluation only recomputes
-statistics. Writes metrics.parquet, metrics.csv, metrics.md (printed) and report.html.
+(sample_id, everything that changes them) in RESULTS/_features, so a second evaluation only
+recomputes statistics. Writes metrics.parquet, metrics.csv, metrics.md (printed; headed by
+how it was measured), image_scores.parquet (unclamped per-image CLIP scores) and report.html.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from evals.feature_cache import FeatureCache, cache_key  # noqa: E402
+from evals.feature_cache import FeatureCache, cache_key, feature_description  # noqa: E402
 from evals.messages import listing  # noqa: E402
-from evals.metrics_table import RowFeatures, comparison_warnings, metrics_table  # noqa: E402
+from evals.metrics_table import RowFeatures, comparison_warnings, description, image_scores, metrics_table  # noqa: E402
 from evals.references import BadReference, Reference, ReferencePlan, save_reference_stats  # noqa: E402
 from evals.text_embeddings import text_embeddings  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
@@ -138,7 +139,8 @@ def read(args, notes: list[str]):
 def extract(args, df, ok, shards, notes: list[str]):
     """Extractors chosen, reference checked (decoded now, before the long part), missing
     features extracted. Returns the ok rows with decodable images, their RowFeatures, the
-    reference plan, the FID extractor and how many rows had features computed."""
+    reference plan, the feature descriptions (FID extractor, CLIP model or None; they key the
+    caches) and how many rows had features computed."""
     models = set(ok.model)
     fid_name = args.features if args.features != "auto" else ("embedded" if models == {"embedded"} else "inception")
     clip_name = "embedded" if fid_name == "embedded" else ("clip" if (args.clip_model or args.clip_arch) else None)
@@ -148,8 +150,9 @@ def extract(args, df, ok, shards, notes: list[str]):
     clip_ex = fid_ex if clip_name == fid_name else (make_extractor(clip_name, kwargs) if clip_name else None)
     cache_root = Path(args.cache) if args.cache else Path(args.results) / "_features"
     plan = ReferencePlan(reference, fid_ex, cache_root) if reference is not None else None  # decoded now
-    caches = {name: FeatureCache(cache_root, cache_key(ex.describe()))
-              for name, ex in ((fid_name, fid_ex), (clip_name, clip_ex)) if ex is not None}
+    described = {name: feature_description(ex, args.clip_pretrained if name == "clip" else None)
+                 for name, ex in ((fid_name, fid_ex), (clip_name, clip_ex)) if ex is not None}
+    caches = {name: FeatureCache(cache_root, cache_key(desc)) for name, desc in described.items()}
     if "embedded" in models:
         caches[ATTRIBUTES] = FeatureCache(cache_root, ATTRIBUTES)
     n_new, undecodable = extract_missing(shards, set(ok.sample_id), caches, kwargs, batch_size=args.batch_size,
@@ -173,7 +176,7 @@ def extract(args, df, ok, shards, notes: list[str]):
         features.text = np.stack([text[p] for p in ok.prompt])
     if ATTRIBUTES in caches:
         features.attributes = caches[ATTRIBUTES].load(ids)[:, 0]
-    return ok, features, plan, fid_ex, n_new
+    return ok, features, plan, (described[fid_name], described.get(clip_name)), n_new
 
 
 def evaluate(args) -> int:
@@ -184,7 +187,7 @@ def evaluate(args) -> int:
     out = report_dir(args)
     shown: list[str] = []  # warnings printed as they happened
     df, ok, shards, keys = read(args, shown)
-    ok, features, plan, fid_ex, n_new = extract(args, df, ok, shards, shown)
+    ok, features, plan, (desc, clip_desc), n_new = extract(args, df, ok, shards, shown)
     notes = list(shown)
     ref = plan.compute() if plan is not None else None
     notes += plan.notes if plan is not None else ["no --reference: FID and KID are not computed"]
@@ -192,23 +195,27 @@ def evaluate(args) -> int:
         notes.append("no CLIP model (--clip-model or --clip-arch/--clip-pretrained): CLIP score is not computed "
                      "and diversity uses the FID features")
     metrics = metrics_table(ok, df[df.status != "ok"], keys, features, ref, args.n_boot)
-    desc, ref_name = fid_ex.describe(), args.reference or "none"
-    metrics["extractor"], metrics["resize_mode"], metrics["reference"] = desc["extractor"], desc["resize_mode"], ref_name
+    ref_name = args.reference or "none"
+    for col, value in description(desc, clip_desc, ref_name, ref.n if ref is not None else None, args.n_boot).items():
+        metrics[col] = value
     if ref is not None:
         notes += comparison_warnings(metrics, keys, desc["dim"], ref)
-    table = write_metrics_files(out, metrics, keys, notes)
+    table = write_metrics_files(out, metrics, keys, notes, image_scores(ok, keys, features))
     grid = grid_rows(ok, keys, args.grid_prompts, args.grid_configs)
     images = read_images(shards, list(set(grid.sample_id)))
     grid["image"] = [images.get(s) for s in grid.sample_id]
     meta = {"results": str(Path(args.results)), "reference": ref_name, "extractor": desc["extractor"],
-            "resize_mode": desc["resize_mode"], "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "resize_mode": desc["resize_mode"], "image processor": desc["image_processor"],
+            "CLIP model": clip_desc["extractor"] if clip_desc else "none", "n_boot": str(args.n_boot),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "features computed this run": str(n_new)}
     write_report(metrics, grid.drop(columns="sample_id"), out, keys=keys, title=f"diffsweep: {Path(args.results).name}",
                  warnings=notes, meta=meta)
     print(table)
     for n in notes[len(shown):]:
         print(f"warning: {n}", file=sys.stderr)
-    print(f"wrote the report to {out}/: metrics.parquet, metrics.csv, metrics.md, report.html "
+    scores = ", image_scores.parquet" if features.clip is not None else ""
+    print(f"wrote the report to {out}/: metrics.parquet, metrics.csv, metrics.md{scores}, report.html "
           f"({n_new} images had features computed)", file=sys.stderr)
     return 0
 

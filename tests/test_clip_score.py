@@ -11,11 +11,15 @@ by name, so the model goes in through its callable loader, `model_name_or_path=l
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from evals.clip_score import aggregate_clip_score, clip_score, clip_score_per_image, raw_clip_scores
-from evals.features import HFCLIPExtractor
+from evals.feature_cache import cache_key, feature_description
+from evals.features import HFCLIPExtractor, get_extractor
+from evals.metrics_table import RowFeatures, image_scores, metrics_table
+from evals.shapes import render_captions, sample_captions
 from tests.test_features import make_tiny_clip_dir
 
 
@@ -74,6 +78,49 @@ def test_agrees_with_torchmetrics_clipscore(tiny_clip):
             _torchmetrics_clip_score(tiny_clip, images[i : i + 1], PROMPTS[i : i + 1]), rel=1e-3, abs=1e-4
         )
     assert raw.std() > 0.5  # the random model gives distinct scores, so agreement is not vacuous
+
+
+@pytest.fixture(scope="module")
+def embedded_clip():
+    return get_extractor("embedded", device="cpu", batch_size=16)
+
+
+def test_the_jobs_clip_score_is_torchmetrics_on_a_group_with_negative_cosines(embedded_clip):
+    """What jobs/evaluate.py reports (metrics_table, the function it calls) for a group whose
+    images are scored against other images' captions: many cosines are negative, the mean is
+    not. torchmetrics' CLIPScore gets the embedded CLIP through its callable loader."""
+    captions = sample_captions(16, seed=3)
+    images = np.asarray(render_captions(captions, seed=3))
+    prompts = captions[1:] + captions[:1]
+    f = RowFeatures(fid=embedded_clip(images), clip=embedded_clip(images), text=embedded_clip.embed_text(prompts))
+    rows = pd.DataFrame({"sample_id": [f"s{i}" for i in range(16)], "scheduler": "ddim", "prompt": prompts,
+                         "seed": 0, "gen_seconds": 1.0})
+    table = metrics_table(rows, rows.iloc[:0], ["scheduler"], f, None, n_boot=200)
+    raw = image_scores(rows, ["scheduler"], f).clip_score_raw.to_numpy()
+    assert (raw < 0).sum() >= 4 and raw.mean() > 10  # negative cosines in a group with a positive score
+    theirs = _torchmetrics_clip_score(embedded_clip, images, prompts)
+    assert table.clip_score[0] == pytest.approx(theirs, rel=1e-4)
+    assert np.maximum(raw, 0).mean() > theirs + 5  # the mean of clamped scores is another number
+    assert table.clip_score_ci_lo[0] < table.clip_score[0] < table.clip_score_ci_hi[0]
+    # noise images: the mean cosine is negative, so the set scores 0 (clamped after the mean), as in torchmetrics
+    noise = np.random.default_rng(0).integers(0, 256, size=(12, 64, 64, 3), dtype=np.uint8)
+    noise_raw = raw_clip_scores(embedded_clip(noise), embedded_clip.embed_text(captions[:12]))
+    theirs = _torchmetrics_clip_score(embedded_clip, noise, captions[:12])
+    assert clip_score(embedded_clip(noise), embedded_clip.embed_text(captions[:12])) == pytest.approx(theirs, abs=1e-4)
+    assert noise_raw.min() < 0 < noise_raw.max()
+
+
+def test_feature_description_names_the_image_processor_transformers_builds(tiny_clip):
+    desc = feature_description(tiny_clip)
+    built = type(tiny_clip.processor.image_processor)
+    torchvision = any(c.__name__ == "TorchvisionBackend" for c in built.__mro__) or built.__name__.endswith("Fast")
+    assert desc["image_processor"] == ("torchvision" if torchvision else "pil"), built
+    assert len(desc["weights"]) == 12 and desc["weights"] == feature_description(tiny_clip)["weights"]
+    key = cache_key(desc)
+    assert key.startswith("clip-clip-processor-64-")  # readable part, then a digest of the rest
+    for change in ({"image_processor": "torchvision" if desc["image_processor"] == "pil" else "pil"},
+                   {"weights": "0" * 12}, {"dim": desc["dim"] + 1}):
+        assert cache_key({**desc, **change}) != key, change
 
 
 def test_definition_on_known_angles():

@@ -1,7 +1,11 @@
 """The metrics table, one row per configuration: as Markdown (metrics.md, the terminal), as
-the report's HTML table, and the files evaluation writes (metrics.parquet, .csv, .md).
+the report's HTML table, and the files evaluation writes (metrics.parquet, .csv, .md, and
+image_scores.parquet per image).
 
-Every metric column is optional: a missing or all-NaN column is left out of the table.
+Every metric column is optional: a missing or all-NaN column is left out of the table. Every
+table is headed by how its numbers were measured (extractor, image processor, resize,
+weights, reference and its n, CLIP model, intervals), read from the description columns of
+the rows, so a report rebuilt from metrics.parquet says the same.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ _TABLE_COLUMNS = (
     ("n", "n", None, None, None),
     ("n_error", "errors", None, None, None),
     ("fid", "FID", "fid_ci_lo", "fid_ci_hi", None),
-    ("kid", "KID", None, None, "kid_std"),
+    ("kid", "KID", "kid_ci_lo", "kid_ci_hi", "kid_std"),  # older metrics files have only the sd
     ("clip_score", "CLIP score", "clip_score_ci_lo", "clip_score_ci_hi", None),
     ("attribute_accuracy", "attribute acc.", "attribute_accuracy_ci_lo", "attribute_accuracy_ci_hi", None),
     ("diversity", "diversity", None, None, None),
@@ -29,12 +33,20 @@ _TABLE_COLUMNS = (
     ("images_per_gpu_second", "images / GPU s", None, None, None),
 )
 _INT_COLUMNS = {"n", "n_error"}
-_HTML_HEADERS = {"kid": "KID ± sd", "gen_seconds": "GPU s / img", "images_per_gpu_second": "img / GPU s",
+_HTML_HEADERS = {"gen_seconds": "GPU s / img", "images_per_gpu_second": "img / GPU s",
                  "attribute_accuracy": "attribute accuracy"}
 
 
 def _table_columns(metrics: pd.DataFrame):
-    return [c for c in _TABLE_COLUMNS if has_values(metrics, c[0])]
+    """The specs of the columns with values; an interval column the frame lacks is dropped
+    from the spec (then a spread column, if any, is shown as ± sd)."""
+    specs = []
+    for col, name, lo, hi, spread in _TABLE_COLUMNS:
+        if has_values(metrics, col):
+            if lo is not None and not has_values(metrics, lo):
+                lo = hi = None
+            specs.append((col, name, lo, hi, spread if lo is None else None))
+    return specs
 
 
 def _cell(row, spec) -> str:
@@ -57,6 +69,61 @@ def _header(spec, ci_level: float) -> str:
     if spread is not None:
         return f"{name} ± sd"
     return name
+
+
+def _described(metrics: pd.DataFrame, col: str) -> str | None:
+    """The distinct values of a description column, joined (normally there is one), or None."""
+    if col not in metrics.columns:
+        return None
+    values = [v for v in dict.fromkeys(metrics[col].tolist()) if v is not None and not pd.isna(v) and str(v) != ""]
+    if not values:
+        return None
+    return " / ".join(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values)
+
+
+def _parts(metrics: pd.DataFrame, spec) -> str:
+    """'extractor, image processor pil, ...': the present values of (column, label) pairs."""
+    out = []
+    for col, label in spec:
+        v = _described(metrics, col)
+        if v is not None:
+            out.append(label.format(v))
+    return ", ".join(out)
+
+
+def measurement_lines(metrics: pd.DataFrame) -> list[str]:
+    """How the table's numbers were measured, one line per part (features, reference, CLIP
+    model, intervals), from the description columns `metrics` has; [] when it has none."""
+    lines = []
+    features = _parts(metrics, (("extractor", "{}"), ("image_processor", "image processor {}"),
+                                ("resize_mode", "resize {}"), ("image_size", "{} px"),
+                                ("feature_dim", "dim {}"), ("weights", "weights {}")))
+    if features:
+        lines.append(f"features (FID, KID): {features}")
+    reference = _parts(metrics, (("reference", "{}"), ("reference_n", "n = {}")))
+    if reference:
+        lines.append(f"reference: {reference}")
+    clip = _described(metrics, "clip_model")
+    if clip == "none":
+        diversity = _described(metrics, "diversity_features") or "the FID"
+        lines.append(f"CLIP model: none (no CLIP score; diversity on {diversity} features)")
+    elif clip is not None:
+        lines.append("CLIP model (CLIP score, diversity): " + _parts(metrics, (
+            ("clip_model", "{}"), ("clip_image_processor", "image processor {}"), ("clip_weights", "weights {}"))))
+    n_boot, level = _described(metrics, "n_boot"), _described(metrics, "ci_level")
+    if n_boot is not None:
+        level = f"{float(level):.0%}" if level is not None and "/" not in level else (level or "95%")
+        lines.append(f"intervals: {level} percentile bootstrap over images, n_boot = {n_boot} "
+                     "(KID: generated and reference images resampled; CLIP score: max(mean 100 cos, 0) per resample)")
+    return lines
+
+
+def measurement_markdown(metrics: pd.DataFrame) -> str:
+    """`measurement_lines` as a Markdown list under a heading, or "" without description columns."""
+    lines = measurement_lines(metrics)
+    if not lines:
+        return ""
+    return "Measured with:\n\n" + "".join(f"- {_md_escape(line)}\n" for line in lines) + "\n"
 
 
 def _md_escape(s: str) -> str:
@@ -95,7 +162,8 @@ def metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) 
     constant = [k for k in keys if len(metrics) > 1 and metrics[k].nunique(dropna=False) == 1]
     keys = [k for k in keys if k not in constant]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    head += "".join(f'<th class="num">{html.escape(_HTML_HEADERS.get(s[0], s[1]))}</th>' for s in specs)
+    head += "".join(f'<th class="num">{html.escape(_HTML_HEADERS.get(s[0], s[1] + (" ± sd" if s[4] else "")))}</th>'
+                    for s in specs)
     if front is not None:
         head += '<th title="on the FID / CLIP score Pareto front">front</th>'
     rows = []
@@ -111,8 +179,11 @@ def metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) 
             tds += f'<td class="front">{"★" if bool(front.iloc[i]) else ""}</td>'
         rows.append(f"<tr>{tds}</tr>")
     same = ""
+    measured = measurement_lines(metrics)
+    if measured:
+        same += '<p class="sub measured">Measured with: ' + "<br>".join(html.escape(m) for m in measured) + "</p>"
     if constant:
-        same = '<p class="sub">Same for every row: ' + ", ".join(
+        same += '<p class="sub">Same for every row: ' + ", ".join(
             f"{html.escape(k)} = <b>{html.escape(fmt_key(metrics[k].iloc[0]))}</b>" for k in constant) + "</p>"
     return (
         same + '<div class="scroll"><table class="metrics"><thead><tr>'
@@ -124,12 +195,18 @@ def metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) 
 
 
 
-def write_metrics_files(out: Path, metrics: pd.DataFrame, keys: Sequence[str], notes: Sequence[str]) -> str:
-    """metrics.parquet, metrics.csv and metrics.md (the Markdown table, then the warnings) in
-    `out`. Returns the Markdown table, for the terminal."""
+def write_metrics_files(out: Path, metrics: pd.DataFrame, keys: Sequence[str], notes: Sequence[str],
+                        image_scores: pd.DataFrame | None = None) -> str:
+    """metrics.parquet, metrics.csv and metrics.md (how it was measured, the Markdown table,
+    then the warnings) in `out`, and image_scores.parquet when given (one row per image,
+    e.g. the unclamped CLIP scores). Returns the header and table, for the terminal."""
     out.mkdir(parents=True, exist_ok=True)
     metrics.to_parquet(out / "metrics.parquet", index=False)
     metrics.to_csv(out / "metrics.csv", index=False)
-    table = metrics_markdown(metrics, keys)
+    if image_scores is not None:
+        image_scores.to_parquet(out / "image_scores.parquet", index=False)
+    else:
+        (out / "image_scores.parquet").unlink(missing_ok=True)  # no stale scores from an earlier run
+    table = measurement_markdown(metrics) + metrics_markdown(metrics, keys)
     (out / "metrics.md").write_text(table + "\n" + "".join(f"\n> warning: {n}" for n in notes) + "\n")
     return table
