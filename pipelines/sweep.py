@@ -24,7 +24,7 @@ from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry
 from pipelines.registry.schedulers import SCHEDULERS
 from pipelines.safe_yaml import describe, short_repr
-from pipelines.schema import order_by_run_key, validate_manifest
+from pipelines.validation import order_by_run_key, validate_manifest
 
 # The keys of a sweep spec: the contract's swept columns, plus how prompts and seeds are given.
 SPEC_KEYS = {c.sweep for c in COLUMNS if c.sweep and c.name != "seed"} | {

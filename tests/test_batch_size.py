@@ -15,7 +15,7 @@ from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE, BatchSizes
 from pipelines.generation.continuous import generate_mixed
 from pipelines.generation.grouped import generate
 from pipelines.registry.models import ModelRegistry
-from pipelines.schema import validate_manifest
+from pipelines.validation import validate_manifest
 
 REG = ModelRegistry()
 GiB = 2**30

@@ -12,7 +12,7 @@ from pipelines.generation.continuous import ContinuousStats, TextCache, generate
 from pipelines.generation.grouped import generate
 from pipelines.registry.models import ModelRegistry
 from pipelines.registry.schedulers import scheduler_names
-from pipelines.schema import validate_manifest
+from pipelines.validation import validate_manifest
 
 REG = ModelRegistry()
 

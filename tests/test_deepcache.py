@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from pipelines.generation.deepcache import deep_cache, unet_forward
 from pipelines.generation.grouped import generate
 from pipelines.registry.models import ModelRegistry
-from pipelines.schema import validate_manifest
+from pipelines.validation import validate_manifest
 
 REG = ModelRegistry()
 

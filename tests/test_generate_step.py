@@ -12,7 +12,7 @@ from pipelines.generation.grouped import generate
 from pipelines.generation.results import to_pixels
 from pipelines.registry.models import ModelRegistry
 from pipelines.registry.schedulers import SCHEDULERS, UnknownSchedulerError, make_scheduler, scheduler_names
-from pipelines.schema import validate_manifest
+from pipelines.validation import validate_manifest
 
 REG = ModelRegistry()
 

@@ -115,7 +115,7 @@ def test_every_module_imports_and_pulls_in_no_forbidden_package():
 
 def test_validating_a_manifest_imports_neither_torch_nor_diffusers():
     code = ("import sys, pyarrow as pa\nfrom pipelines.registry.models import ModelRegistry\n"
-            "from pipelines.schema import validate_manifest\nfrom pipelines.sweep import check_spec\n"
+            "from pipelines.validation import validate_manifest\nfrom pipelines.sweep import check_spec\n"
             "validate_manifest(pa.table({'prompt': ['a red circle']}), ModelRegistry())\n"
             "bad = [m for m in ('torch', 'diffusers', 'ray') if m in sys.modules]\nassert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

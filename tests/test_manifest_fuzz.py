@@ -13,7 +13,7 @@ from pipelines.errors import InputError
 from pipelines.storage.manifest import read_manifest
 from pipelines.registry.models import ModelRegistry
 from pipelines.contract import MAX_STEPS
-from pipelines.schema import ManifestError, validate_manifest
+from pipelines.validation import ManifestError, validate_manifest
 
 REG = ModelRegistry()
 GOOD = {"prompt": "a red circle", "seed": 7, "steps": 4, "guidance": 7.5, "scheduler": "ddim", "height": 32, "width": 32}

@@ -21,7 +21,7 @@ from pipelines.registry.models import EMBEDDED_DIR, ModelRegistry
 from pipelines.registry.schedulers import (LCM_ORIGINAL_INFERENCE_STEPS, SCHEDULERS, make_scheduler, max_steps,
                                   scheduler_names)
 from pipelines.contract import MAX_STEPS
-from pipelines.schema import validate_manifest
+from pipelines.validation import validate_manifest
 from pipelines.registry.tiny import SD_SCHEDULER_CONFIG
 from tests.conftest import write_parquet
 

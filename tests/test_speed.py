@@ -10,7 +10,7 @@ import pytest
 from pipelines.generation.continuous import generate_continuous
 from pipelines.generation.grouped import generate
 from pipelines.registry.models import ModelRegistry
-from pipelines.schema import validate_manifest
+from pipelines.validation import validate_manifest
 from pipelines.generation.speed import SpeedOptions, apply_speed_options, compiled_graphs
 
 REG = ModelRegistry()

@@ -41,7 +41,7 @@ def make_rows(spec, args, n: int) -> pd.DataFrame:
     import pyarrow as pa
 
     from pipelines.registry.models import ModelRegistry
-    from pipelines.schema import order_by_run_key, validate_manifest
+    from pipelines.validation import order_by_run_key, validate_manifest
 
     colors = ["red", "green", "blue", "yellow", "purple", "orange"]
     shapes = ["circle", "square", "triangle", "star"]

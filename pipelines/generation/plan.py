@@ -17,7 +17,7 @@ import pyarrow as pa
 from pipelines.contract import RESULT_SCHEMA
 from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry, check_available
-from pipelines.schema import manifest_digest, order_by_run_key, validate_manifest
+from pipelines.validation import manifest_digest, order_by_run_key, validate_manifest
 from pipelines.storage.lease import Lease
 from pipelines.storage.manifest import read_manifest
 from pipelines.storage.results import ResultStore, check_out_location, new_run_id

@@ -1,4 +1,4 @@
-"""The data contract: manifest and result columns, and validation at the door.
+"""Validation at the door: a manifest checked against the row contract (pipelines/contract.py).
 
 A manifest is data, read before any model loads. Every problem is reported with the
 row (0-based position in the manifest), the column, the value and what is allowed,

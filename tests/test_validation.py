@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.registry.models import ModelRegistry
 from pipelines.contract import MANIFEST_COLUMNS
-from pipelines.schema import ManifestError, validate_manifest
+from pipelines.validation import ManifestError, validate_manifest
 from pipelines.contract import sample_id
 
 REG = ModelRegistry()
