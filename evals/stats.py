@@ -151,9 +151,11 @@ def kid_bootstrap_ci(
     interval than the truth). A resample repeats images, and a pair of copies of one image
     would add k(x, x) terms that the unbiased estimate never has (an upward bias comparable
     to the interval at small n). So pairs of copies are left out: with counts c (how often each
-    image was drawn), the within-sample sum is c^T K0 c, K0 being K with a zero diagonal,
-    divided by (n - 1)^2; that makes the bootstrap mean exactly the sample's MMD^2, with no
-    re-centring. Cross terms c^T K_xy e / (n m) are unbiased as they are.
+    image was drawn), the within-sample sum is c^T K0 c, K0 being K with a zero diagonal, over
+    the number of pairs it holds, n^2 - sum c^2. The bootstrap mean is then the sample's MMD^2
+    (up to O(1/n^2)), with no re-centring, and a constant offset of the kernel cancels in every
+    resample, as it does in the estimate. Cross terms c^T K_xy e / (n m) are unbiased as they
+    are. A resample of copies of a single image has no pairs and is skipped (only likely at n < 5).
 
     At most `subset_size` rows per side (drawn once, without replacement) keep the kernel
     matrices small; above that the interval is that of a `subset_size` estimate, somewhat
@@ -182,8 +184,11 @@ def kid_bootstrap_ci(
         b = min(chunk, n_boot - start)
         c = rng.multinomial(mx, np.full(mx, 1.0 / mx), size=b).astype(np.float64)  # [b, mx] counts
         e = rng.multinomial(my, np.full(my, 1.0 / my), size=b).astype(np.float64)
-        sxx = ((c @ kxx) * c).sum(axis=1) / (mx - 1) ** 2
-        syy = ((e @ kyy) * e).sum(axis=1) / (my - 1) ** 2
+        pairs_x, pairs_y = mx * mx - (c * c).sum(axis=1), my * my - (e * e).sum(axis=1)
+        ok = (pairs_x > 0) & (pairs_y > 0)
+        c, e, pairs_x, pairs_y = c[ok], e[ok], pairs_x[ok], pairs_y[ok]
+        sxx = ((c @ kxx) * c).sum(axis=1) / pairs_x
+        syy = ((e @ kyy) * e).sum(axis=1) / pairs_y
         sxy = ((c @ kxy) * e).sum(axis=1) / (mx * my)
         samples.append(sxx + syy - 2 * sxy)
     return _quantiles(np.concatenate(samples), level)

@@ -8,9 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from evals.decode import try_decode
+from evals.features import HFCLIPExtractor
+from evals.metrics_table import DESCRIPTION_COLUMNS
 from jobs import evaluate as eval_job
 from jobs import generate as gen_job
 from tests.conftest import ROOT, write_parquet
+from tests.test_clip_score import _torchmetrics_clip_score
 from tests.test_features import make_tiny_clip_dir
 
 
@@ -43,6 +47,44 @@ def test_metrics_table_has_a_row_per_configuration(evaluated):
     assert (tmp / "report" / "metrics.csv").is_file() and "| ddim |" in (tmp / "report" / "metrics.md").read_text()
     html = (tmp / "report" / "report.html").read_text()
     assert "data:image/png;base64" in html
+
+
+def test_metrics_say_how_they_were_measured(evaluated):
+    """metrics.md opens with the extractor, image processor, resize, reference and its n, CLIP
+    model and n_boot; every row of metrics.parquet carries the same in its own columns."""
+    tmp, results, _ = evaluated
+    m = pd.read_parquet(tmp / "report" / "metrics.parquet")
+    assert set(DESCRIPTION_COLUMNS) <= set(m.columns)
+    ref_n = len(pd.read_parquet(next(results.glob("part-*.parquet")), columns=["status"]).query("status == 'ok'"))
+    row = m.iloc[0]
+    assert (row.reference_n, row.n_boot, row.ci_level, row.image_size) == (ref_n, 20, 0.95, 64)
+    assert row.clip_model == row.extractor and row.image_processor in ("pil", "torchvision")
+    assert len(row.weights) == 12 and (m[list(DESCRIPTION_COLUMNS)].nunique(dropna=False) == 1).all()
+    header = (tmp / "report" / "metrics.md").read_text().split("\n\n| ", 1)[0]
+    assert f"- features (FID, KID): {row.extractor}, image processor {row.image_processor}, resize clip-processor, " \
+           f"64 px, dim {row.feature_dim}, weights {row.weights}" in header
+    assert f"- reference: {row.reference}, n = {ref_n}" in header
+    assert f"- CLIP model (CLIP score, diversity): {row.clip_model}, image processor" in header
+    assert "n_boot = 20" in header
+    assert (m.kid_ci_lo <= m.kid_ci_hi).all() and "KID [95% CI]" in (tmp / "report" / "metrics.md").read_text()
+
+
+def test_clip_score_is_torchmetrics_per_configuration(evaluated):
+    """The job's CLIP score of each configuration = torchmetrics' CLIPScore on that
+    configuration's images and prompts; image_scores.parquet has the unclamped per-image scores."""
+    tmp, results, _ = evaluated
+    m = pd.read_parquet(tmp / "report" / "metrics.parquet")
+    per_image = pd.read_parquet(tmp / "report" / "image_scores.parquet")
+    rows = pd.concat([pd.read_parquet(p) for p in results.glob("part-*.parquet")])
+    clip = HFCLIPExtractor(tmp / "clip", device="cpu")
+    for r in m.itertuples():
+        group = rows[(rows.scheduler == r.scheduler) & (rows.guidance == r.guidance)]
+        images = np.stack([try_decode(b)[0] for b in group.image])
+        theirs = _torchmetrics_clip_score(clip, images, list(group.prompt))
+        assert r.clip_score == pytest.approx(theirs, rel=1e-4, abs=1e-4)
+        raw = per_image[(per_image.scheduler == r.scheduler) & (per_image.guidance == r.guidance)].clip_score_raw
+        assert len(raw) == r.n and r.clip_score == pytest.approx(max(raw.mean(), 0.0), rel=1e-12)
+    assert set(per_image.sample_id) == set(rows.sample_id)
 
 
 def test_second_run_reuses_cached_features(evaluated, capsys):

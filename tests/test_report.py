@@ -22,7 +22,8 @@ from evals.report.grid import grid_html
 from evals.report.page import write_report
 from evals.report.pareto import pareto_front
 from evals.report.plots import PlotSkipped, plot_clip_vs_fid, plot_fid_vs_steps, plot_quality_vs_cost
-from evals.report.tables import metrics_markdown
+from evals.metrics_table import DESCRIPTION_COLUMNS
+from evals.report.tables import metrics_markdown, write_metrics_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -191,6 +192,44 @@ def test_metrics_markdown_formatting():
     assert lines[3] == r"| a\|b | 50 | 1 | 100 | 0 | 123.5 | 0.0200 | 0.300 [0.290, 0.310] |"
     # default keys are the run-key columns present
     assert metrics_markdown(df).splitlines()[0].startswith("| scheduler | steps | guidance | n |")
+
+
+def described_metrics() -> pd.DataFrame:
+    """synthetic_metrics with every description column, as jobs/evaluate.py writes them, and KID intervals."""
+    df = synthetic_metrics()
+    return df.assign(image_processor="pil", image_size=64, feature_dim=64, weights="1a2b3c4d5e6f",
+                     reference_n=10000, clip_model="embedded", clip_image_processor="pil",
+                     clip_weights="1a2b3c4d5e6f", diversity_features="embedded", n_boot=200, ci_level=0.95,
+                     kid_ci_lo=df.kid * 0.8, kid_ci_hi=df.kid * 1.2)
+
+
+def test_every_table_is_headed_by_how_it_was_measured(tmp_path):
+    df = described_metrics()
+    keys = ["scheduler", "steps", "guidance"]
+    printed = write_metrics_files(tmp_path, df, keys, ["a warning"])
+    md = (tmp_path / "metrics.md").read_text()
+    assert md.startswith(printed)  # the terminal gets the same header and table
+    header, table = md.split("\n\n| ", 1)
+    assert header.splitlines() == [
+        "Measured with:",
+        "",
+        "- features (FID, KID): embedded, image processor pil, resize clean, 64 px, dim 64, weights 1a2b3c4d5e6f",
+        "- reference: rendered:10000, n = 10000",
+        "- CLIP model (CLIP score, diversity): embedded, image processor pil, weights 1a2b3c4d5e6f",
+        "- intervals: 95% percentile bootstrap over images, n_boot = 200 (KID: generated and reference images "
+        "resampled; CLIP score: max(mean 100 cos, 0) per resample)",
+    ]
+    assert table.startswith("scheduler | steps | guidance | n | errors | FID [95% CI] | KID [95% CI] |")
+    assert "KID ± sd" not in md and md.rstrip().endswith("> warning: a warning")
+    assert set(DESCRIPTION_COLUMNS) <= set(pd.read_parquet(tmp_path / "metrics.parquet").columns)
+    # description columns are not configuration keys, and the HTML table states them once
+    assert metrics_markdown(df).splitlines()[0].startswith("| model | height | width | scheduler | steps | guidance | n |")
+    html = write_report(df, None, tmp_path / "html", keys=keys).read_text()
+    assert html.count("Measured with:") == 1 and "reference: rendered:10000, n = 10000" in html
+    # no CLIP model: said so, with what diversity used
+    none = df.assign(clip_model="none", clip_image_processor="", clip_weights="", diversity_features="inception")
+    assert "CLIP model: none (no CLIP score; diversity on inception features)" in write_metrics_files(
+        tmp_path / "none", none, keys, [])
 
 
 def test_config_labels_use_varying_keys():
