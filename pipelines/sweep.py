@@ -35,10 +35,12 @@ _AXIS_NAMES = {"model": "models", "scheduler": "schedulers", "steps": "step coun
                "size": "sizes", "cache_interval": "cache intervals"}
 
 
-def _number_check(c: Column) -> tuple:
-    """(check, expected) for one value of a numeric swept column, from the contract's range."""
+def _value_check(c: Column) -> tuple:
+    """(check, expected) for one value of a swept column, from the contract's kind and range."""
     example = f", e.g. {list(c.example)}" if c.example else ""
     doc = f" ({c.doc})" if c.doc else ""
+    if c.kind == "string":
+        return (lambda v: v if isinstance(v, str) and v.strip() else None), f"non-empty strings{example}{doc}"
     if c.kind == "integer":
         expected = f"integers in [{c.lo}, {c.hi}]{example}{doc}"
         return (lambda v: v if _is_int(v) and c.lo <= v <= c.hi else None), expected
@@ -235,7 +237,7 @@ def _axes(values: _Values, registry: ModelRegistry) -> dict:
             axes["size"] = values.axis("sizes", True, size, f"sizes N or HxW (e.g. 512 or 512x768), each side in "
                                                             f"[{side.lo}, {side.hi}]")
         elif c.sweep and c.name not in ("seed", "model", "scheduler", "width"):
-            axes[c.name] = values.axis(c.sweep, False, *_number_check(c))
+            axes[c.name] = values.axis(c.sweep, c.kind == "string", *_value_check(c))
     return axes
 
 
