@@ -73,7 +73,8 @@ def hf_image_processor_backend(model_dir: Path) -> str:
     for name in ("preprocessor_config.json", "processor_config.json"):
         if (model_dir / name).is_file():
             doc = json.loads((model_dir / name).read_text())
-            saved = str(doc.get("image_processor_type") or doc.get("image_processor", {}).get("image_processor_type", ""))
+            saved = doc.get("image_processor_type") or doc.get("image_processor", {}).get("image_processor_type")
+            saved = str(saved or "")
             break
     return "torchvision" if saved.endswith("Fast") and is_torchvision_available() else "pil"
 

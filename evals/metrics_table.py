@@ -100,7 +100,8 @@ def metrics_table(ok: pd.DataFrame, failed: pd.DataFrame, keys: list[str], featu
     return pd.DataFrame(rows)
 
 
-def description(fid: dict, clip: dict | None, reference: str, reference_n: int | None, n_boot: int) -> dict:
+def measurement_description(fid: dict, clip: dict | None, reference: str, reference_n: int | None,
+                            n_boot: int) -> dict:
     """The DESCRIPTION_COLUMNS of every row: `fid` and `clip` are the feature descriptions
     (`evals.feature_cache.feature_description`) of the FID/KID extractor and of the CLIP model
     (None without one: then diversity uses the FID features)."""

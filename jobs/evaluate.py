@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 
 from evals.feature_cache import FeatureCache, cache_key, feature_description  # noqa: E402
 from evals.messages import listing  # noqa: E402
-from evals.metrics_table import RowFeatures, comparison_warnings, description, image_scores, metrics_table  # noqa: E402
+from evals.metrics_table import (  # noqa: E402
+    RowFeatures, comparison_warnings, image_scores, measurement_description, metrics_table)
 from evals.references import BadReference, Reference, ReferencePlan, save_reference_stats  # noqa: E402
 from evals.text_embeddings import text_embeddings  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
@@ -196,7 +197,8 @@ def evaluate(args) -> int:
                      "and diversity uses the FID features")
     metrics = metrics_table(ok, df[df.status != "ok"], keys, features, ref, args.n_boot)
     ref_name = args.reference or "none"
-    for col, value in description(desc, clip_desc, ref_name, ref.n if ref is not None else None, args.n_boot).items():
+    ref_n = ref.n if ref is not None else None
+    for col, value in measurement_description(desc, clip_desc, ref_name, ref_n, args.n_boot).items():
         metrics[col] = value
     if ref is not None:
         notes += comparison_warnings(metrics, keys, desc["dim"], ref)

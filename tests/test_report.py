@@ -223,7 +223,8 @@ def test_every_table_is_headed_by_how_it_was_measured(tmp_path):
     assert "KID ± sd" not in md and md.rstrip().endswith("> warning: a warning")
     assert set(DESCRIPTION_COLUMNS) <= set(pd.read_parquet(tmp_path / "metrics.parquet").columns)
     # description columns are not configuration keys, and the HTML table states them once
-    assert metrics_markdown(df).splitlines()[0].startswith("| model | height | width | scheduler | steps | guidance | n |")
+    first = metrics_markdown(df).splitlines()[0]
+    assert first.startswith("| model | height | width | scheduler | steps | guidance | n |")
     html = write_report(df, None, tmp_path / "html", keys=keys).read_text()
     assert html.count("Measured with:") == 1 and "reference: rendered:10000, n = 10000" in html
     # no CLIP model: said so, with what diversity used
