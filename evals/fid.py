@@ -286,11 +286,13 @@ def kernel_inception_distance(
     coef: float = 1.0,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """KID (mean, std over subsets) like torchmetrics' KernelInceptionDistance: each subset draws
-    `subset_size` rows without replacement from each side and takes the unbiased MMD^2 with
-    k(x, y) = (gamma x.y + coef)^degree, gamma = 1/dim by default; std is the sample std (ddof=1).
-    Differences from torchmetrics: subset_size is capped at the smaller set (torchmetrics raises),
-    and draws come from a seeded numpy generator, so results are reproducible."""
+    """KID (mean, std over subsets), the estimator of torchmetrics' KernelInceptionDistance and
+    clean-fid: each subset draws `subset_size` rows without replacement from each side and takes
+    the unbiased MMD^2 with k(x, y) = (gamma x.y + coef)^degree, gamma = 1/dim by default.
+    Differences from torchmetrics: std is the sample std (ddof=1; torchmetrics' kid_std uses
+    ddof=0), subset_size is capped at the smaller set (torchmetrics raises), and draws come from a
+    seeded numpy generator, so results are reproducible. The std describes subset-to-subset
+    spread only; for an interval use evals.stats.kid_bootstrap_ci."""
     if feats_ref is None:
         raise ValueError(
             "KID needs reference features, not just mu/sigma: build the reference with "

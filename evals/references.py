@@ -161,12 +161,14 @@ class ReferencePlan:
     """Reference statistics for one extractor: read (a given .npz, or cached), or decoded up
     front, before any feature work, and computed once the generated features are in."""
 
-    def __init__(self, ref: Reference, extractor, cache_dir: Path):
+    def __init__(self, ref: Reference, extractor, cache_dir: Path, description: dict | None = None):
+        """`description`: everything that changes the extractor's features (feature_cache.feature_description),
+        so cached statistics of another model version are never reused; the extractor's own describe() if None."""
         from evals.fid import check_compatible, load_stats
 
         self.ref, self.extractor, self.notes = ref, extractor, list(ref.notes)
         self.stats, self._images = None, None
-        desc = extractor.describe()
+        desc = description or extractor.describe()
         if ref.kind == "npz":
             try:
                 self.stats = load_stats(ref.source)

@@ -16,10 +16,13 @@ import numpy as np
 from evals.feature_cache import cache_key
 
 
-def text_embeddings(extractor, prompts: list[str], cache_root: Path) -> dict[str, np.ndarray]:
+def text_embeddings(extractor, prompts: list[str], cache_root: Path,
+                    description: dict | None = None) -> dict[str, np.ndarray]:
     """Prompt -> `extractor.embed_text` embedding, computed only for prompts not in the cache
-    (cache_root/text-<extractor key>.npz, replaced atomically)."""
-    path = Path(cache_root) / f"text-{cache_key(extractor.describe())}.npz"
+    (cache_root/text-<key>.npz, replaced atomically). The key is made from `description`
+    (feature_cache.feature_description: weights included, so a retrained CLIP misses the
+    cache), else from the extractor's describe()."""
+    path = Path(cache_root) / f"text-{cache_key(description or extractor.describe())}.npz"
     known: dict[str, np.ndarray] = {}
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:

@@ -150,9 +150,9 @@ def extract(args, df, ok, shards, notes: list[str]):
     fid_ex = make_extractor(fid_name, kwargs)
     clip_ex = fid_ex if clip_name == fid_name else (make_extractor(clip_name, kwargs) if clip_name else None)
     cache_root = Path(args.cache) if args.cache else Path(args.results) / "_features"
-    plan = ReferencePlan(reference, fid_ex, cache_root) if reference is not None else None  # decoded now
     described = {name: feature_description(ex, args.clip_pretrained if name == "clip" else None)
                  for name, ex in ((fid_name, fid_ex), (clip_name, clip_ex)) if ex is not None}
+    plan = ReferencePlan(reference, fid_ex, cache_root, described[fid_name]) if reference is not None else None
     caches = {name: FeatureCache(cache_root, cache_key(desc)) for name, desc in described.items()}
     if "embedded" in models:
         caches[ATTRIBUTES] = FeatureCache(cache_root, ATTRIBUTES)
@@ -173,7 +173,7 @@ def extract(args, df, ok, shards, notes: list[str]):
     features = RowFeatures(caches[fid_name].load(ids))
     if clip_ex is not None:
         features.clip = caches[clip_name].load(ids)
-        text = text_embeddings(clip_ex, sorted(set(ok.prompt)), cache_root)
+        text = text_embeddings(clip_ex, sorted(set(ok.prompt)), cache_root, described[clip_name])
         features.text = np.stack([text[p] for p in ok.prompt])
     if ATTRIBUTES in caches:
         features.attributes = caches[ATTRIBUTES].load(ids)[:, 0]

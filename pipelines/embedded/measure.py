@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from evals import shapes as domain
+from evals.clip_score import clip_score, raw_clip_scores
 from pipelines.contract import Row, sample_id
 from pipelines.embedded import CLIP_DIR
 from pipelines.generation.grouped import generate as generate_rows
@@ -88,8 +89,7 @@ class DomainClip:
 
 
 def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-    from evals.clip_score import raw_clip_scores
-
+    """Per-pair 100 cos, unclamped (the set's score is `clip_score`: max(mean, 0))."""
     return raw_clip_scores(image_emb, text_emb)
 
 
@@ -97,7 +97,7 @@ def matched_beats_shuffled(image_emb, text_emb, seed: int = 0) -> float:
     """Share of images whose own caption scores higher than a caption drawn from another row."""
     perm = np.random.default_rng(seed).permutation(len(text_emb))
     perm = np.where(perm == np.arange(len(perm)), (perm + 1) % len(perm), perm)
-    return float(np.mean(clip_scores(image_emb, text_emb) > clip_scores(image_emb, text_emb[perm])))
+    return float(np.mean(raw_clip_scores(image_emb, text_emb) > raw_clip_scores(image_emb, text_emb[perm])))
 
 
 def measure(n: int = 512, seed: int = 0) -> dict:
@@ -130,7 +130,7 @@ def measure(n: int = 512, seed: int = 0) -> dict:
         results["runs"][name] = {
             "attribute_accuracy": float(domain.attribute_accuracy(images, captions).mean()),
             "fd_embedded": frechet_distance(feats, ref_feats),
-            "clip_score": float(clip_scores(feats, text_emb).mean()),
+            "clip_score": clip_score(feats, text_emb),  # torchmetrics' definition, as in the evaluation report
             "matched_beats_shuffled": matched_beats_shuffled(feats, text_emb),
         }
     return results
