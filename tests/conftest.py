@@ -1,4 +1,8 @@
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -7,7 +11,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _session_ray_token() -> Path:
+    """Every Ray the tests start (ray.init() here, jobs/*.py in subprocesses) runs with token
+    authentication, as Ray 2.59+ does by default, but with a token of this session's own: with
+    RAY_AUTH_MODE set explicitly Ray prints no "token authentication is enabled" warning (tests
+    read stderr), and with RAY_AUTH_TOKEN_PATH set it neither reads nor writes ~/.ray/auth_token.
+    The token is made like Ray's own (`ray get-auth-token --generate`: 32 random bytes, hex)."""
+    folder = Path(tempfile.mkdtemp(prefix="diffsweep-ray-auth-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    return token
+
+
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_session_ray_token())
+os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the session's token file
 
 
 @pytest.fixture(scope="session")
