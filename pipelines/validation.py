@@ -17,7 +17,7 @@ from pipelines.contract import (COLUMN, COLUMN_NAMES, FROM_MODEL, MANIFEST_SCHEM
                                 RUN_KEY, SEED_LIMIT, default_seed, sample_id)
 from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry
-from pipelines.registry.schedulers import check_scheduler, local_scheduler_config, max_steps
+from pipelines.registry.schedulers import check_scheduler, local_scheduler_config, max_steps, scheduler_names
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
         if (m, s) not in checked:
             try:
                 check_scheduler(s, specs[m].family)
-                checked[(m, s)] = None
+                checked[(m, s)] = _pipeline_refuses(specs[m], s)
             except ValueError as e:
                 checked[(m, s)] = str(e).split("; ", 1)[-1].replace("valid names: ", "one of: ")
         if checked[(m, s)]:
@@ -182,6 +182,35 @@ def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
         if v is not None and v > 1 and m in specs and specs[m].family == "flow":
             out.add(i, "cache_interval", v, f"1 for model {m!r}: feature reuse (cache_interval > 1) needs a UNet model, "
                                             f"and {m!r} is a flow-matching transformer")
+
+
+# pipeline class -> {scheduler: why that pipeline cannot drive it} (measured with diffusers 0.42)
+_UNDRIVABLE = {
+    "FluxPipeline": {"flow_match_heun": "FluxPipeline passes its own sigmas to the scheduler and "
+                                        "FlowMatchHeunDiscreteScheduler.set_timesteps takes none"},
+}
+
+
+def _pipeline_refuses(spec, scheduler: str) -> str | None:
+    """Why the model's pipeline class cannot run `scheduler` (a scheduler of the model's family), or None."""
+    why = _UNDRIVABLE.get(_pipeline_name(spec), {}).get(scheduler)
+    if why is None:
+        return None
+    usable = [n for n in scheduler_names(spec.family) if n not in _UNDRIVABLE[_pipeline_name(spec)]]
+    return f"one of: {', '.join(usable)} for model {spec.name!r} ({why})"
+
+
+def _pipeline_name(spec) -> str:
+    """The model's pipeline class name: its registry entry's, else (auto) a local model_index.json's."""
+    if spec.pipeline != "auto":
+        return spec.pipeline
+    import json
+    from pathlib import Path
+
+    try:
+        return str(json.loads((Path(spec.source).expanduser() / "model_index.json").read_text()).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return "auto"
 
 
 def _sample_ids(given: list, rows: list[dict], out: _Collector) -> list[str]:

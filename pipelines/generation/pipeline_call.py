@@ -10,6 +10,7 @@ neighbours. The memory probe for `--batch-size auto` lives here too: it measures
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -44,11 +45,24 @@ def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
         kwargs["negative_prompt"] = negatives
     sync(model.device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), deep_cache(pipe.unet, int(cache_interval)):
+    with torch.inference_mode(), feature_reuse(pipe, int(cache_interval)):
         pixels, finite = to_pixels(pipe(**kwargs).images)
     per_image = (time.perf_counter() - t0) / len(rows)  # to_pixels ends with a copy to the host: synced
     return [image_result(row, px, ok, per_image, len(rows), trunc)
             for row, px, ok, trunc in zip(rows, pixels, finite, truncated)]
+
+
+def feature_reuse(pipe, cache_interval: int):
+    """DeepCache feature reuse for one pipeline call, touched only when asked for
+    (cache_interval > 1): a transformer pipeline (SD3, FLUX) has no UNet to hook."""
+    if cache_interval <= 1:
+        return nullcontext()
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        denoiser = type(getattr(pipe, "transformer", None)).__name__
+        raise ValueError(f"cache_interval {cache_interval} (feature reuse) needs a UNet pipeline; "
+                         f"{type(pipe).__name__} denoises with a {denoiser}")
+    return deep_cache(unet, cache_interval)
 
 
 def probe_row(spec, height: int, width: int, seed: int = 0) -> Row:

@@ -52,10 +52,28 @@ def error_result(row: Row, message: str, seconds: float = 0.0, batch_size: int =
 
 
 def prompts_truncated(pipe, prompts: list[str], max_tokens: int) -> list[bool]:
-    """Whether each prompt is longer than the text encoder reads (diffusers cuts it)."""
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None:
-        return [False] * len(prompts)
-    limit = min(max_tokens, getattr(tokenizer, "model_max_length", max_tokens))
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
-    return [n > limit for n in lengths]
+    """Whether each prompt is longer than one of the pipeline's text encoders reads (diffusers
+    cuts it): the CLIP tokenizers (`tokenizer`, SDXL/SD3's `tokenizer_2`) at `max_tokens` or
+    their model_max_length, a T5 tokenizer (SD3's `tokenizer_3`, FLUX's `tokenizer_2`) at the
+    pipeline's default `max_sequence_length`."""
+    truncated = [False] * len(prompts)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is None:
+            continue
+        limit = _token_limit(pipe, tokenizer, max_tokens)
+        lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+        truncated = [t or n > limit for t, n in zip(truncated, lengths)]
+    return truncated
+
+
+def _token_limit(pipe, tokenizer, max_tokens: int) -> int:
+    """How many tokens (specials included) the pipeline passes on from this tokenizer."""
+    own = getattr(tokenizer, "model_max_length", max_tokens)
+    if "T5" not in type(tokenizer).__name__:  # CLIP: what the registry and the tokenizer allow
+        return min(max_tokens, own)
+    import inspect
+
+    param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    default = param.default if param is not None and isinstance(param.default, int) else own
+    return min(default, own)

@@ -1,0 +1,146 @@
+"""Every model family runs end to end (issue 15): tiny SD 2.x (v-prediction), SDXL, SD3 and FLUX
+pipelines, saved as diffusers directories and registered through a models YAML, run a sweep
+through jobs/generate.py on local Ray; a manifest mixing families finishes every row."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from jobs import generate as gen_job
+from pipelines.generation.grouped import generate
+from pipelines.registry.models import ModelRegistry, load_model
+from pipelines.registry.schedulers import make_scheduler, scheduler_names
+from pipelines.registry.tiny_families import TINY_FAMILIES, write_tiny_models
+from pipelines.seeding import row_generators
+from pipelines.validation import ManifestError, validate_manifest
+from tests.conftest import write_parquet
+
+# family -> (schedulers valid for it, image sizes, whether half the rows get a negative prompt).
+# FLUX has one: FluxPipeline cannot drive flow_match_heun (refused at validation), so its
+# sweep's second axis is the image size (FLUX's shift depends on it).
+SWEEPS = {
+    "tiny-sd2v": (["ddim", "euler_a"], [32], True),
+    "tiny-sdxl": (["euler", "dpmpp_2m"], [32], True),
+    "tiny-sd3": (["flow_match_euler", "flow_match_heun"], [32], True),
+    "tiny-flux": (["flow_match_euler"], [32, 48], False),
+}
+
+
+@pytest.fixture(scope="module")
+def models_yaml(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-families"))
+
+
+@pytest.fixture(scope="module")
+def registry(models_yaml):
+    return ModelRegistry.with_user_file(models_yaml)
+
+
+def sweep_rows(model: str) -> list[dict]:
+    schedulers, sizes, negatives = SWEEPS[model]
+    rows = []
+    for sched in schedulers:
+        for size in sizes:
+            for steps in (2, 3):
+                for guidance in (1.0, 4.0):
+                    for seed in (1, 2):
+                        rows.append(dict(prompt="a red circle", model=model, scheduler=sched, steps=steps,
+                                         guidance=guidance, seed=seed, height=size, width=size,
+                                         negative_prompt="blue" if negatives and seed == 2 else "",
+                                         tag=f"{model}|{sched}|{size}|{steps}|{guidance}|{seed}"))
+    return rows
+
+
+def run_job(tmp_path, models_yaml, rows, *flags):
+    manifest = write_parquet(tmp_path / "manifest.parquet", rows)
+    out = tmp_path / "out"
+    assert gen_job.main([str(manifest), "--out", str(out), "--models", str(models_yaml), "--no-progress",
+                         *flags]) == 0
+    return pd.read_parquet(out)
+
+
+def assert_complete(df: pd.DataFrame, rows: list[dict]):
+    """One ok row per sample_id, PNGs at the requested size, the extra column unchanged."""
+    assert len(df) == len(rows) and df.sample_id.is_unique
+    assert (df.status == "ok").all(), df.error.dropna().unique()
+    assert sorted(df.tag) == sorted(r["tag"] for r in rows)
+    for png, h, w, tag in zip(df.image, df.height, df.width, df.tag):
+        size = int(tag.split("|")[2])
+        assert np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).shape == (h, w, 3) == (size, size, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(SWEEPS))
+def test_family_sweep_runs_through_the_job(tmp_path, ray_local, models_yaml, model):
+    rows = sweep_rows(model)
+    assert len(rows) == 16
+    df = run_job(tmp_path, models_yaml, rows, "--batch-size", "4")
+    assert_complete(df, rows)
+    assert df.model_digest.nunique() == 1 and (df.model == model).all()
+
+
+@pytest.mark.slow
+def test_mixed_family_manifest_finishes_every_row(tmp_path, ray_local, models_yaml):
+    rows = [dict(prompt="a blue square", model=m, seed=s, tag=f"{m}|{s}|32") for m in
+            ["tiny-random", "tiny-sd2v", "tiny-sdxl", "tiny-sd3", "tiny-flux"] for s in (1, 2)]
+    df = run_job(tmp_path, models_yaml, rows, "--batch-size", "8")
+    assert_complete(df, rows)
+    assert df.model_digest.nunique() == 5
+
+
+def test_v_prediction_is_kept_by_every_scheduler_swap(registry):
+    model = load_model(registry.get("tiny-sd2v"))
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+    for name in scheduler_names("eps"):
+        assert make_scheduler(name, model.scheduler_config, "eps").config.prediction_type == "v_prediction", name
+
+
+def test_v_prediction_rows_match_diffusers_own_call(registry):
+    """The job's path (scheduler built from the registry name) gives diffusers' pixels for that scheduler."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    model = load_model(registry.get("tiny-sd2v"))
+    rows = [dict(sample_id=f"s{i}", prompt="a red circle", negative_prompt="", seed=i, model="tiny-sd2v",
+                 scheduler="euler_a", steps=3, guidance=4.0, height=32, width=32, cache_interval=1) for i in (1, 2)]
+    ours = np.stack([r.pixels for r in generate(model, rows)])
+    pipe = model.pipe
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    with torch.inference_mode():
+        ref = pipe(prompt=["a red circle"] * 2, negative_prompt=["", ""], num_inference_steps=3, guidance_scale=4.0,
+                   height=32, width=32, generator=row_generators([1, 2]), output_type="np").images
+    ref = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_transformer_families_run_in_process_with_long_prompts(registry):
+    """SD3 and FLUX through the grouped path (no `pipe.unet` touched at cache_interval 1), and a
+    prompt longer than CLIP's 77 tokens recorded as truncated by a pipeline with several tokenizers."""
+    long_prompt = " ".join(["a red circle"] * 40)
+    for name in ("tiny-sd3", "tiny-flux", "tiny-sdxl"):
+        model = load_model(registry.get(name))
+        rows = [dict(sample_id=f"{name}-{i}", prompt=p, negative_prompt="", seed=i, model=name,
+                     scheduler=TINY_FAMILIES[name][1]["scheduler"], steps=2, guidance=4.0, height=32, width=32,
+                     cache_interval=1) for i, p in enumerate(["a cat", long_prompt])]
+        results = generate(model, rows)
+        assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+        assert [r.prompt_truncated for r in results] == [False, True], name
+
+
+@pytest.mark.parametrize("model, column, value, expected", [
+    ("tiny-flux", "scheduler", "flow_match_heun", "FluxPipeline passes its own sigmas"),
+    ("tiny-sd3", "scheduler", "euler", "one of: flow_match_euler"),
+    ("tiny-sdxl", "scheduler", "flow_match_euler", "one of: ddim"),
+    ("tiny-sd3", "cache_interval", 2, "needs a UNet model"),
+    ("tiny-flux", "height", 40, "a multiple of 16"),
+])
+def test_bad_family_combinations_are_refused_at_validation(registry, model, column, value, expected):
+    row = {"prompt": "a red circle", "model": model, column: value}
+    with pytest.raises(ManifestError) as e:
+        validate_manifest(pa.Table.from_pylist([row]), registry)
+    assert f"row 0, column {column!r}" in str(e.value) and expected in str(e.value), str(e.value)
