@@ -6,6 +6,18 @@ score, attribute accuracy (embedded domain) and cost, with bootstrap intervals w
 defined. Inputs are plain arrays aligned with the rows, so the table can be recomputed from
 cached features without touching images or models.
 
+FID comes twice, because the plain FID of n images is biased upward by about c / n
+(evals/fid_infinity.py, docs/evaluation.md "FID-infinity"):
+
+- `fid_inf`, `fid_inf_lo`, `fid_inf_hi`: FID-infinity, the bias-corrected headline, with an
+  interval that covers the population FID (NaN below FID_INF_MIN_N images);
+- `fid`: the plain "FID at n", n recorded in `fid_n` (all the group's images, or a seeded
+  subset of exactly `fid_n` with jobs/evaluate.py --fid-n, so groups compare at equal bias).
+  `fid_ci_lo`, `fid_ci_hi` are the recentred bootstrap of `evals.stats.fid_bootstrap_ci` on
+  the same images: the spread of FID at that n (whether two groups at equal n differ), *not*
+  an interval for the population FID, which they miss (0% coverage at d = 64). They stay in
+  metrics.parquet for that use; the tables do not show them.
+
 Every row also says how it was measured (DESCRIPTION_COLUMNS: extractor, image processor,
 weights, reference and its n, CLIP model, n_boot), so a metrics.parquet read on its own, or
 concatenated with another run's, cannot be misread.
@@ -21,22 +33,46 @@ import pandas as pd
 
 from evals.clip_score import aggregate_clip_score, raw_clip_scores
 from evals.diversity import diversity_by_prompt
-from evals.fid import RefStats, fid_from_features, kernel_inception_distance
+from evals.fid import RefStats, kernel_inception_distance
+from evals.fid_infinity import MIN_SUBSET, fid_at_n, fid_infinity
+from evals.messages import listing
 from evals.stats import bootstrap_ci, fid_bootstrap_ci, kid_bootstrap_ci, weak_comparison_warnings
 
 # What group_metrics writes, and the columns that say how every row was measured: together
 # with the grouping keys, that is every column of the table.
 METRIC_COLUMNS = (
-    "n", "n_error", "fid", "fid_ci_lo", "fid_ci_hi", "kid", "kid_ci_lo", "kid_ci_hi", "kid_std", "clip_score",
+    "n", "n_error", "fid_inf", "fid_inf_lo", "fid_inf_hi", "fid", "fid_n", "fid_ci_lo", "fid_ci_hi", "kid", "kid_ci_lo", "kid_ci_hi", "kid_std", "clip_score",
     "clip_score_ci_lo", "clip_score_ci_hi", "diversity", "vendi", "attribute_accuracy", "attribute_accuracy_ci_lo",
     "attribute_accuracy_ci_hi", "gen_seconds", "images_per_gpu_second",
 )
 DESCRIPTION_COLUMNS = (
     "extractor", "image_processor", "resize_mode", "image_size", "feature_dim", "weights", "reference",
     "reference_n", "clip_model", "clip_image_processor", "clip_weights", "diversity_features", "n_boot", "ci_level",
+    "fid_inf_n_boot",
 )
 CI_LEVEL = 0.95  # every interval of the table
 KID_SUBSETS = 50  # KID's point estimate: mean over this many subsets (clean-fid / torchmetrics style)
+FID_INF_MIN_N = 2 * MIN_SUBSET  # FID-infinity fits subsets of several sizes >= MIN_SUBSET: 16 images at least
+# FID-infinity's bootstrap refits 6 subset sizes per resample: (8 + n_boot) x 6 eigenvalue
+# problems of min(m, dim) square per group, 3.6x fewer at 50 than at the job's default 200.
+# Its coverage (docs/evaluation.md "FID-infinity") was measured at n_boot = 50.
+FID_INF_MAX_BOOT = 50
+FID_N_SEED = 0  # the seed of --fid-n's subset (evals.fid_infinity.fid_at_n's rule)
+# Where each metric's interval is; the others are f"{col}_ci_lo", f"{col}_ci_hi".
+INTERVAL_COLUMNS = {"fid_inf": ("fid_inf_lo", "fid_inf_hi")}
+
+
+def interval_columns(col: str) -> tuple[str, str]:
+    """The (lower, upper) interval columns of metric `col`."""
+    return INTERVAL_COLUMNS.get(col, (f"{col}_ci_lo", f"{col}_ci_hi"))
+
+
+def headline_fid(metrics: pd.DataFrame) -> str:
+    """The FID column a report leads with: `fid_inf` when the frame has a value of it, else
+    `fid` (metrics files of older versions, groups all below FID_INF_MIN_N images)."""
+    if "fid_inf" in metrics.columns and np.isfinite(pd.to_numeric(metrics["fid_inf"], errors="coerce")).any():
+        return "fid_inf"
+    return "fid"
 
 
 @dataclass
@@ -54,13 +90,34 @@ class RowFeatures:
         return RowFeatures(self.fid[idx], pick(self.clip), pick(self.text), pick(self.attributes))
 
 
-def group_metrics(rows: pd.DataFrame, f: RowFeatures, ref: RefStats | None, n_boot: int) -> dict:
-    """The metrics of one configuration's ok rows (columns prompt, gen_seconds) and their features."""
+def fid_metrics(x: np.ndarray, ref: RefStats, n_boot: int, fid_n: int | None = None) -> dict:
+    """FID-infinity of the group's features `x` with its interval (NaN below FID_INF_MIN_N
+    images), and the plain FID at n with its spread (see the module docstring): n is the
+    group's size, or `fid_n` (a seeded subset; NaN when the group has fewer images).
+
+    FID-infinity is clipped at 0 like its interval's ends: the intercept of the fit can fall
+    below 0 when the population FID is near 0, and the population FID never does."""
+    nan = float("nan")
+    out = dict.fromkeys(("fid_inf", "fid_inf_lo", "fid_inf_hi", "fid", "fid_ci_lo", "fid_ci_hi"), nan)
+    if len(x) >= FID_INF_MIN_N:
+        res = fid_infinity(x, ref, n_boot=min(n_boot, FID_INF_MAX_BOOT), level=CI_LEVEL)
+        out["fid_inf"], (out["fid_inf_lo"], out["fid_inf_hi"]) = max(res.value, 0.0), res.ci
+    out["fid_n"] = m = len(x) if fid_n is None else int(fid_n)
+    if len(x) >= m:
+        out["fid"] = fid_at_n(x, ref, m, seed=FID_N_SEED)
+        same = x if m == len(x) else x[np.random.default_rng(FID_N_SEED).permutation(len(x))[:m]]  # fid_at_n's
+        out["fid_ci_lo"], out["fid_ci_hi"] = fid_bootstrap_ci(same, ref, n_boot=n_boot, level=CI_LEVEL)
+    return out
+
+
+def group_metrics(rows: pd.DataFrame, f: RowFeatures, ref: RefStats | None, n_boot: int,
+                  fid_n: int | None = None) -> dict:
+    """The metrics of one configuration's ok rows (columns prompt, gen_seconds) and their
+    features; `fid_n`: the plain FID's n (`fid_metrics`)."""
     n, nan = len(rows), float("nan")
     out = {"n": n}
     if ref is not None and n >= 2:
-        out["fid"] = fid_from_features(f.fid, ref)
-        out["fid_ci_lo"], out["fid_ci_hi"] = fid_bootstrap_ci(f.fid, ref, n_boot=n_boot, level=CI_LEVEL)
+        out.update(fid_metrics(f.fid, ref, n_boot, fid_n))
         if ref.features is not None:
             out["kid"], out["kid_std"] = kernel_inception_distance(
                 f.fid, ref.features, subsets=KID_SUBSETS, subset_size=min(n, ref.features.shape[0], 1000))
@@ -85,16 +142,17 @@ def group_metrics(rows: pd.DataFrame, f: RowFeatures, ref: RefStats | None, n_bo
 
 
 def metrics_table(ok: pd.DataFrame, failed: pd.DataFrame, keys: list[str], features: RowFeatures,
-                  ref: RefStats | None, n_boot: int) -> pd.DataFrame:
+                  ref: RefStats | None, n_boot: int, fid_n: int | None = None) -> pd.DataFrame:
     """One row per configuration of `ok` (sorted by `keys`): the keys, n, n_error (the rows of
-    `failed` with those keys), then the metrics of `group_metrics`."""
+    `failed` with those keys), then the metrics of `group_metrics` (plain FID at `fid_n`
+    images when given, else at each group's n)."""
     errors = failed.groupby(keys, dropna=False).size()
     rows = []
     for key, idx in ok.groupby(keys, sort=True, dropna=False).indices.items():
         key = key if isinstance(key, tuple) else (key,)
         with warnings.catch_warnings():  # NaN means of tiny groups: the table shows them as –
             warnings.simplefilter("ignore")
-            metrics = group_metrics(ok.iloc[idx], features.take(idx), ref, n_boot)
+            metrics = group_metrics(ok.iloc[idx], features.take(idx), ref, n_boot, fid_n)
         n_error = int(errors.get(key if len(keys) > 1 else key[0], 0))
         rows.append({**dict(zip(keys, key)), "n": metrics.pop("n"), "n_error": n_error, **metrics})
     return pd.DataFrame(rows)
@@ -113,7 +171,7 @@ def measurement_description(fid: dict, clip: dict | None, reference: str, refere
         "reference_n": None if reference_n is None else int(reference_n),
         "clip_model": clip.get("extractor", "none"), "clip_image_processor": clip.get("image_processor", ""),
         "clip_weights": clip.get("weights", ""), "diversity_features": clip.get("extractor", fid["extractor"]),
-        "n_boot": int(n_boot), "ci_level": CI_LEVEL,
+        "n_boot": int(n_boot), "ci_level": CI_LEVEL, "fid_inf_n_boot": min(int(n_boot), FID_INF_MAX_BOOT),
     }
 
 
@@ -132,7 +190,40 @@ def image_scores(ok: pd.DataFrame, keys: list[str], f: RowFeatures) -> pd.DataFr
     return out
 
 
-def comparison_warnings(metrics: pd.DataFrame, keys: list[str], dim: int, ref: RefStats) -> list[str]:
-    """`weak_comparison_warnings` for the table's groups, each named by its key values."""
-    labels = {" ".join(str(r[k]) for k in keys): int(r["n"]) for r in metrics[[*keys, "n"]].to_dict("records")}
-    return weak_comparison_warnings(labels, dim, ref_n=ref.n)
+def comparison_warnings(metrics: pd.DataFrame, keys: list[str], dim: int, ref: RefStats,
+                        fid_n: int | None = None) -> list[str]:
+    """The table's warnings about FID, each group named by its key values: FID-infinity's
+    (`fid_inf_warnings`), groups too small for `fid_n`, and `weak_comparison_warnings` for
+    the plain FID at the n it was computed on."""
+    rows = [(" ".join(str(r[k]) for k in keys), int(r["n"])) for r in metrics[[*keys, "n"]].to_dict("records")]
+    notes = fid_inf_warnings(rows, dim)
+    if fid_n is not None:
+        small = [f"{g} (n={n})" for g, n in rows if n < fid_n]
+        if small:
+            notes.append(f"FID at n={fid_n} (--fid-n): {len(small)} group(s) have fewer images, their fid is NaN: "
+                         f"{listing(small)}; lower --fid-n to compare them")
+        rows = [(g, fid_n) for g, n in rows if n >= fid_n]
+    return notes + weak_comparison_warnings(dict(rows), dim, ref_n=ref.n, metric="FID at n")
+
+
+def fid_inf_warnings(rows: list[tuple[str, int]], dim: int) -> list[str]:
+    """Warnings for FID-infinity of groups (name, n): NaN below FID_INF_MIN_N images; invalid
+    below the feature dimension (simulated, d = 64, population FID 1.06: +930% at n = 16,
+    +390% at n = 32, its interval never covering); biased low below 4 x dim (-90% at n = d,
+    -51% at 2d, -8% at 4d, intervals still covering). docs/evaluation.md "FID-infinity"."""
+    notes = []
+    nan = [f"{g} (n={n})" for g, n in rows if n < FID_INF_MIN_N]
+    if nan:
+        notes.append(f"FID-infinity: {len(nan)} group(s) have fewer than {FID_INF_MIN_N} images, too few for subsets "
+                     f"of several sizes: fid_inf is NaN for {listing(nan)}")
+    below = [f"{g} (n={n})" for g, n in rows if FID_INF_MIN_N <= n < dim]
+    if below:
+        notes.append(f"FID-infinity: {len(below)} group(s) have fewer images than the feature dimension {dim}: "
+                     f"{listing(below)}. The extrapolation to n = infinity fails there (simulated at d=64: +390% at "
+                     "n=32, intervals missing the population FID): these values are invalid and never ranked")
+    low = [f"{g} (n={n})" for g, n in rows if dim <= n < 4 * dim]
+    if low:
+        notes.append(f"FID-infinity: {len(low)} group(s) have fewer than 4 x the feature dimension ({4 * dim}) images: "
+                     f"{listing(low)}. FID-infinity is biased low there (simulated at d=64: -51% at n=2d, -8% at 4d; "
+                     "its interval still covered the population FID)")
+    return notes

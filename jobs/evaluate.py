@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a results directory: per configuration, how good (FID, KID), how faithful
 (CLIP score; attribute accuracy on the embedded model), how diverse (pairwise distance,
-Vendi) and how expensive (GPU-seconds per image) its images are.
+Vendi) and how expensive (GPU-seconds per image) its images are. The headline FID is the
+bias-corrected FID-infinity; the plain FID is "FID at n" (--fid-n: one n for every group).
 
     python jobs/evaluate.py results/ --reference embedded --out report/
     python jobs/evaluate.py results/ --reference ref_images/ --features inception --inception-weights pt_inception.pth --out report/
@@ -59,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="feature cache directory (default RESULTS/_features)")
     p.add_argument("--make-reference", nargs=2, metavar=("NAME.npz", "SOURCE"),
                    help="compute reference statistics of SOURCE into NAME.npz and exit")
-    p.add_argument("--n-boot", type=at_least(1, int), default=200, help="bootstrap resamples per confidence interval")
+    p.add_argument("--n-boot", type=at_least(1, int), default=200, help="bootstrap resamples per interval (FID-inf: <= 50)")
+    p.add_argument("--fid-n", type=at_least(2, int), metavar="N", help="plain FID of a seeded subset of N images of "
+                   "every group, so plain FIDs compare (smaller groups: NaN, warned; default: all images)")
     p.add_argument("--batch-size", type=at_least(1, int), default=64, help="images per feature batch")
     p.add_argument("--pool-size", type=at_least(1, int), default=None, help="feature actors (default: one per GPU, 1 on CPU)")
     p.add_argument("--grid-prompts", type=at_least(1, int), default=6, help="prompts (rows) in the report's image grid")
@@ -195,13 +198,12 @@ def evaluate(args) -> int:
     if features.clip is None:
         notes.append("no CLIP model (--clip-model or --clip-arch/--clip-pretrained): CLIP score is not computed "
                      "and diversity uses the FID features")
-    metrics = metrics_table(ok, df[df.status != "ok"], keys, features, ref, args.n_boot)
+    metrics = metrics_table(ok, df[df.status != "ok"], keys, features, ref, args.n_boot, fid_n=args.fid_n)
     ref_name = args.reference or "none"
-    ref_n = ref.n if ref is not None else None
-    for col, value in measurement_description(desc, clip_desc, ref_name, ref_n, args.n_boot).items():
+    for col, value in measurement_description(desc, clip_desc, ref_name, ref.n if ref else None, args.n_boot).items():
         metrics[col] = value
     if ref is not None:
-        notes += comparison_warnings(metrics, keys, desc["dim"], ref)
+        notes += comparison_warnings(metrics, keys, desc["dim"], ref, fid_n=args.fid_n)
     table = write_metrics_files(out, metrics, keys, notes, image_scores(ok, keys, features))
     grid = grid_rows(ok, keys, args.grid_prompts, args.grid_configs)
     images = read_images(shards, list(set(grid.sample_id)))
@@ -209,6 +211,7 @@ def evaluate(args) -> int:
     meta = {"results": str(Path(args.results)), "reference": ref_name, "extractor": desc["extractor"],
             "resize_mode": desc["resize_mode"], "image processor": desc["image_processor"],
             "CLIP model": clip_desc["extractor"] if clip_desc else "none", "n_boot": str(args.n_boot),
+            "FID at n": f"--fid-n {args.fid_n}" if args.fid_n else "all images of each group",
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "features computed this run": str(n_new)}
     write_report(metrics, grid.drop(columns="sample_id"), out, keys=keys, title=f"diffsweep: {Path(args.results).name}",

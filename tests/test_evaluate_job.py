@@ -1,5 +1,6 @@
 """jobs/evaluate.py end to end: tiny-random results, a tiny CLIP, a local Ray."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from evals.decode import try_decode
 from evals.features import HFCLIPExtractor
 from evals.metrics_table import DESCRIPTION_COLUMNS
+from evals.report.format import fmt_ci, fmt_num
 from jobs import evaluate as eval_job
 from jobs import generate as gen_job
 from tests.conftest import ROOT, write_parquet
@@ -173,3 +175,93 @@ def test_evaluation_imports_neither_diffusers_nor_ray_until_it_needs_ray():
     code = ("import sys, jobs.evaluate; bad = [m for m in ('diffusers', 'ray') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------- FID-infinity and --fid-n
+
+
+def test_fid_metrics_headline_and_fid_at_n():
+    """`fid_metrics` (what the job computes per group): FID-infinity inside its interval from 16
+    images on, NaN below; the plain FID is fid_at_n's on the group's n or --fid-n's subset, NaN
+    (n still recorded) when the group is smaller; the spread columns are on the same images."""
+    from evals.fid import RefStats, fid_from_features
+    from evals.fid_infinity import fid_at_n
+    from evals.metrics_table import FID_N_SEED, fid_metrics
+    from evals.stats import fid_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    ref = RefStats.from_features(rng.normal(size=(500, 8)))
+    x = rng.normal(size=(40, 8)) + 0.3
+    m = fid_metrics(x, ref, n_boot=20)
+    assert m["fid_inf_lo"] <= m["fid_inf"] <= m["fid_inf_hi"] and m["fid_inf"] < m["fid"]
+    assert (m["fid"], m["fid_n"]) == (fid_from_features(x, ref), 40)
+    sub = fid_metrics(x, ref, n_boot=20, fid_n=24)
+    assert (sub["fid"], sub["fid_n"], sub["fid_inf"]) == (fid_at_n(x, ref, 24, seed=FID_N_SEED), 24, m["fid_inf"])
+    same = x[np.random.default_rng(FID_N_SEED).permutation(40)[:24]]
+    assert fid_from_features(same, ref) == sub["fid"]
+    assert (sub["fid_ci_lo"], sub["fid_ci_hi"]) == fid_bootstrap_ci(same, ref, n_boot=20)
+    small = fid_metrics(x[:12], ref, n_boot=20, fid_n=24)
+    assert np.isnan([small[k] for k in ("fid", "fid_ci_lo", "fid_inf", "fid_inf_lo", "fid_inf_hi")]).all()
+    assert small["fid_n"] == 24
+
+
+@pytest.fixture(scope="module")
+def embedded_results(tmp_path_factory, ray_local):
+    """The embedded model: two configurations of 20 images (FID-infinity computed) and one of
+    8 (too few), evaluated against 200 rendered references."""
+    tmp = tmp_path_factory.mktemp("fidinf")
+    prompts = ["a small red circle on a white background", "a large blue square on a black background",
+               "a small green triangle on a white background", "a large yellow circle on a gray background"]
+    rows = [dict(prompt=p, seed=s, scheduler="ddim", steps=steps, guidance=7.5, model="embedded")
+            for p in prompts for steps in (2, 4) for s in range(5)]
+    rows += [dict(prompt=p, seed=s, scheduler="ddim", steps=2, guidance=1.0, model="embedded")
+             for p in prompts for s in range(2)]
+    results = tmp / "results"
+    assert gen_job.main([str(write_parquet(tmp / "m.parquet", rows)), "--out", str(results), "--no-progress"]) == 0
+    args = [str(results), "--reference", "embedded:200", "--n-boot", "20", "--no-progress"]
+    return tmp, args
+
+
+def test_fid_infinity_is_the_headline_with_its_interval(embedded_results, capsys):
+    tmp, args = embedded_results
+    capsys.readouterr()
+    assert eval_job.main(args + ["--out", str(tmp / "report")]) == 0
+    err = capsys.readouterr().err
+    m = pd.read_parquet(tmp / "report" / "metrics.parquet")
+    big, small = m[m.n >= 16], m[m.n < 16]
+    assert list(big.n) == [20, 20] and list(small.n) == [8]
+    assert ((big.fid_inf_lo <= big.fid_inf) & (big.fid_inf <= big.fid_inf_hi)).all()
+    assert small[["fid_inf", "fid_inf_lo", "fid_inf_hi"]].isna().all(axis=None) and small.fid.notna().all()
+    assert (m.fid_n == m.n).all() and (m.fid_inf_n_boot == 20).all()
+    line = next(ln for ln in err.splitlines() if "fewer than 16 images" in ln)
+    assert line.startswith("warning: FID-infinity: 1 group(s)") and "ddim 2 1.0 1 (n=8)" in line
+    assert "fewer images than the feature dimension 64" in err  # 20 < 64: warned, never bold
+    md = (tmp / "report" / "metrics.md").read_text()
+    header, table = md.split("\n\n| ", 1)
+    assert "- FID: FID-infinity: FID on subsets of 6 sizes" in header and "n_boot = 20" in header
+    assert "FID at n: plain FID of all n images of each group" in header
+    assert "| FID-infinity [95% CI] | FID at n |" in table.splitlines()[0]
+    html = (tmp / "report" / "report.html").read_text()
+    bold = re.findall(r'<td class="num best">([^<]*)</td>', html)
+    fids = {fmt_ci(r.fid_inf, r.fid_inf_lo, r.fid_inf_hi) for r in big.itertuples()} | {fmt_num(v) for v in m.fid}
+    assert "FID at n" in html and bold and not fids & set(bold)  # CLIP score is ranked, FID of n < 64 is not
+
+
+def test_fid_n_compares_plain_fids_at_one_n(embedded_results, capsys):
+    tmp, args = embedded_results
+    full = pd.read_parquet(tmp / "report" / "metrics.parquet")
+    capsys.readouterr()
+    assert eval_job.main(args + ["--out", str(tmp / "fid-n"), "--fid-n", "12"]) == 0
+    err = capsys.readouterr().err
+    m = pd.read_parquet(tmp / "fid-n" / "metrics.parquet")
+    assert (m.fid_n == 12).all()
+    big, small = m[m.n >= 12], m[m.n < 12]
+    assert big.fid.notna().all() and (big.fid.to_numpy() != full[full.n >= 12].fid.to_numpy()).all()
+    assert small[["fid", "fid_ci_lo", "fid_ci_hi"]].isna().all(axis=None)
+    np.testing.assert_array_equal(m.fid_inf, full.fid_inf)  # FID-infinity uses every image
+    line = next(ln for ln in err.splitlines() if "(--fid-n)" in ln)
+    assert line.startswith("warning: FID at n=12 (--fid-n): 1 group(s) have fewer images") and "(n=8)" in line
+    assert "unequal image counts" not in err
+    md = (tmp / "fid-n" / "metrics.md").read_text()
+    assert "FID at n: plain FID of a seeded subset of n = 12 images of every group (--fid-n)" in md
+    assert "| FID at n=12 |" in md.split("\n\n| ", 1)[1].splitlines()[0]

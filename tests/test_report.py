@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from evals.report.format import config_labels
+from evals.report.format import config_labels, fmt_ci, fmt_num
 from evals.report.grid import grid_html
 from evals.report.page import write_report
 from evals.report.pareto import pareto_front
 from evals.report.plots import PlotSkipped, plot_clip_vs_fid, plot_fid_vs_steps, plot_quality_vs_cost
 from evals.metrics_table import DESCRIPTION_COLUMNS
-from evals.report.tables import metrics_markdown, write_metrics_files
+from evals.report.tables import metrics_markdown, metrics_table_html, write_metrics_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -200,7 +200,7 @@ def described_metrics() -> pd.DataFrame:
     return df.assign(image_processor="pil", image_size=64, feature_dim=64, weights="1a2b3c4d5e6f",
                      reference_n=10000, clip_model="embedded", clip_image_processor="pil",
                      clip_weights="1a2b3c4d5e6f", diversity_features="embedded", n_boot=200, ci_level=0.95,
-                     kid_ci_lo=df.kid * 0.8, kid_ci_hi=df.kid * 1.2)
+                     fid_inf_n_boot=50, kid_ci_lo=df.kid * 0.8, kid_ci_hi=df.kid * 1.2)
 
 
 def test_every_table_is_headed_by_how_it_was_measured(tmp_path):
@@ -231,6 +231,54 @@ def test_every_table_is_headed_by_how_it_was_measured(tmp_path):
     none = df.assign(clip_model="none", clip_image_processor="", clip_weights="", diversity_features="inception")
     assert "CLIP model: none (no CLIP score; diversity on inception features)" in write_metrics_files(
         tmp_path / "none", none, keys, [])
+
+
+def fid_infinity_metrics() -> pd.DataFrame:
+    """described_metrics as this version of jobs/evaluate.py writes them: FID-infinity with its
+    interval, and the plain FID with the n it was computed on."""
+    df = described_metrics()
+    return df.assign(fid_inf=df.fid - 5, fid_inf_lo=df.fid - 9, fid_inf_hi=df.fid - 2, fid_n=df.n)
+
+
+def test_fid_infinity_heads_the_tables_and_the_plain_fid_is_fid_at_n(tmp_path):
+    df = fid_infinity_metrics()
+    keys = ["scheduler", "steps", "guidance"]
+    header, table = write_metrics_files(tmp_path, df, keys, []).split("\n\n| ", 1)
+    assert ("- FID: FID-infinity: FID on subsets of 6 sizes from n/2 to n, extrapolated linearly in 1/n to "
+            "n = infinity (Chong & Forsyth 2020), basic bootstrap interval, n_boot = 50; FID at n: plain FID of "
+            "all n images of each group") in header
+    lines = table.splitlines()
+    assert "| n | errors | FID-infinity [95% CI] | FID at n | KID [95% CI] |" in lines[0]
+    r = df.iloc[0]
+    assert f"| {fmt_ci(r.fid_inf, r.fid_inf_lo, r.fid_inf_hi)} | {fmt_num(r.fid)} |" in lines[2]  # no spread
+    sub = write_metrics_files(tmp_path / "sub", df.assign(fid_n=100), keys, [])
+    assert "| FID at n=100 |" in sub and "plain FID of a seeded subset of n = 100 images of every group" in sub
+    # the plots lead with FID-infinity and its interval; older frames plot the plain FID, named so
+    assert plot_fid_vs_steps(df).axes[0].get_ylabel().startswith("FID-infinity")
+    assert plot_fid_vs_steps(synthetic_metrics()).axes[0].get_ylabel().startswith("FID at n")
+    assert plot_clip_vs_fid(df).axes[0].get_xlabel().startswith("FID-infinity")
+    assert "FID-infinity" in plot_quality_vs_cost(df).axes[0].get_ylabel()
+
+
+def test_bold_never_marks_a_value_the_warnings_call_invalid():
+    keys = ["scheduler", "steps", "guidance"]
+    df = fid_infinity_metrics().iloc[:6].copy()
+
+    def bold(frame):
+        return set(re.findall(r'<td class="num best">([^<]*)</td>', metrics_table_html(frame, keys, 0.95)))
+
+    def shown(frame, i):
+        return fmt_ci(frame.fid_inf[i], frame.fid_inf_lo[i], frame.fid_inf_hi[i])
+
+    best = df.fid_inf.idxmin()
+    assert shown(df, best) in bold(df) and fmt_num(df.fid.min()) in bold(df)  # equal n, n >= dim: ranked
+    df.loc[best, ["n", "fid_n"]] = 32  # fewer images than the feature dimension 64
+    runner_up = df.drop(best).fid_inf.idxmin()
+    assert shown(df, best) not in bold(df) and shown(df, runner_up) in bold(df)
+    assert fmt_num(df.fid[best]) not in bold(df) and fmt_num(df.drop(best).fid.min()) in bold(df)
+    df.loc[runner_up, ["n", "fid_n"]] = 256  # above the dimension, but plain FIDs at unequal n: none ranked
+    assert not {fmt_num(v) for v in df.fid} & bold(df) and shown(df, runner_up) in bold(df)
+    assert fmt_num(df.clip_score.max()) + " [" in " ".join(bold(df))  # other columns still are
 
 
 def test_config_labels_use_varying_keys():

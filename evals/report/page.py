@@ -74,12 +74,14 @@ footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 2
 
 _PLOTS = (
     ("fid_vs_steps", "FID vs steps", plot_fid_vs_steps,
-     "One line per scheduler, one panel per guidance scale; bars are bootstrap confidence intervals. "
-     "Lines flattening out mean more steps no longer buy quality; overlapping bars mean the ranking is "
-     "not established at this sample size."),
+     "FID-infinity (bias-corrected; the plain FID at n in metrics files without it) against steps: one line per "
+     "scheduler, one panel per guidance scale; bars are 95% bootstrap intervals. Lines flattening out mean more "
+     "steps no longer buy quality; overlapping bars mean the ranking is not established at this sample size. "
+     "Values the warnings call invalid are drawn too: read the warnings first."),
     ("clip_vs_fid", "CLIP score vs FID", plot_clip_vs_fid,
-     "Each point is a configuration. Ringed points joined by the dashed line form the Pareto front: no other "
-     "configuration has both lower FID and higher CLIP score. Points off the front are beaten on both."),
+     "Each point is a configuration (FID: FID-infinity where present). Ringed points joined by the dashed line "
+     "form the Pareto front: no other configuration has both lower FID and higher CLIP score. Points off the "
+     "front are beaten on both."),
     ("quality_vs_cost", "Quality vs GPU-seconds per image", plot_quality_vs_cost,
      "Quality against accelerator seconds per image (numbers: steps; colour: scheduler; marker: guidance). "
      "The dashed line is the cost/quality front: the cheapest configuration for each quality level."),
@@ -140,9 +142,13 @@ def _plot_html(name: str, heading: str, plot, caption: str, metrics: pd.DataFram
 def _table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) -> str:
     if not len(metrics):
         return '<p class="note">No metrics.</p>'
-    note = (f'<p class="sub">Brackets: bootstrap {ci_level:.0%} confidence intervals. '
-            "Bold: best point estimate in the column (overlapping intervals mean the order is not established). "
-            "★: on the FID / CLIP score Pareto front. GPU s / img: mean accelerator seconds per image.</p>")
+    note = (f'<p class="sub">Brackets: bootstrap {ci_level:.0%} confidence intervals. FID-infinity: FID '
+            "extrapolated to infinitely many images (bias-corrected, the headline); FID at n: the plain FID of n "
+            "images, biased upward by about c/n, comparable only at equal n. "
+            "Bold: best point estimate in the column (overlapping intervals mean the order is not established), "
+            "never a value the warnings call invalid (FID of fewer images than the feature dimension, plain FIDs "
+            "at unequal n). ★: on the FID / CLIP score Pareto front. "
+            "GPU s / img: mean accelerator seconds per image.</p>")
     return note + metrics_table_html(metrics, keys, ci_level)
 
 

@@ -2,6 +2,10 @@
 per guidance, CI error bars); CLIP score vs FID with the Pareto front marked; quality vs
 accelerator seconds per image with the cost/quality front.
 
+"FID" in every plot is the headline FID (`evals.metrics_table.headline_fid`): FID-infinity
+with its interval, whose bars cover the population FID; frames without it (older metrics
+files) plot the plain FID, labelled "FID at n", with its bootstrap spread.
+
 A plot that cannot be drawn from the frame (a column missing or all-NaN) raises PlotSkipped
 with a reason fit to show the reader; the page shows that reason instead of the plot.
 """
@@ -17,11 +21,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from evals.metrics_table import headline_fid, interval_columns
 from evals.report.format import config_labels, fmt_key, has_values, key_columns, label_part, numeric
 from evals.report.pareto import pareto_front
 
 _LABELS = {
-    "fid": "FID (lower is better)",
+    "fid_inf": "FID-infinity (bias-corrected, lower is better)",
+    "fid": "FID at n (lower is better)",
     "clip_score": "CLIP score (higher is better)",
     "kid": "KID (lower is better)",
     "attribute_accuracy": "attribute accuracy (higher is better)",
@@ -31,6 +37,7 @@ _PALETTE = (
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
     "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939",
 )
+_NAMES = {"fid_inf": "FID-infinity", "fid": "FID at n", "clip_score": "CLIP score"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 _PLOT_DPI = 110
 
@@ -72,7 +79,9 @@ def _sort_key_values(values) -> list:
         return sorted(vals, key=str)
 
 
-def _yerr(df: pd.DataFrame, col: str, lo: str, hi: str):
+def _yerr(df: pd.DataFrame, col: str):
+    """Error bars of `col` from its interval columns, or None without them."""
+    lo, hi = interval_columns(col)
     slo, shi = numeric(df, lo), numeric(df, hi)
     if slo is None or shi is None:
         return None
@@ -115,14 +124,15 @@ def _legend_handles(colors: dict, markers: dict, line_keys: list[str]) -> list:
     return handles
 
 
-def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, metric: str = "fid") -> Figure:
-    """`metric` (default FID) against steps: one line per scheduler (and per any other varying
-    key but guidance), one panel per guidance value, bootstrap-CI error bars where present.
-    Raises PlotSkipped when steps or the metric is missing."""
+def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, metric: str | None = None) -> Figure:
+    """`metric` (default the headline FID) against steps: one line per scheduler (and per any
+    other varying key but guidance), one panel per guidance value, interval error bars where
+    present. Raises PlotSkipped when steps or the metric is missing."""
     metrics = metrics.reset_index(drop=True)
     keys = key_columns(metrics, keys)
+    metric = metric or headline_fid(metrics)
     if metric not in metrics.columns or not has_values(metrics, metric):
-        raise PlotSkipped(f"no {metric.upper() if metric == 'fid' else metric} values (no reference set?)")
+        raise PlotSkipped(f"no {'FID' if metric in ('fid', 'fid_inf') else metric} values (no reference set?)")
     if "steps" not in metrics.columns or not has_values(metrics, "steps"):
         raise PlotSkipped("no steps column")
     df = metrics.copy()
@@ -136,7 +146,7 @@ def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = Non
         df = df[df["guidance"].notna()]
     panels = _sort_key_values(df["guidance"]) if has_g else [None]
     colors = _colors(df["_line"])
-    lo, hi = f"{metric}_ci_lo", f"{metric}_ci_hi"
+    lo, hi = interval_columns(metric)
 
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
@@ -151,7 +161,7 @@ def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = Non
             cols = [metric] + [c for c in (lo, hi) if c in part.columns]
             part = part.groupby("_steps", as_index=False)[cols].mean(numeric_only=True).sort_values("_steps")
             ax.errorbar(
-                part["_steps"], part[metric], yerr=_yerr(part, metric, lo, hi),
+                part["_steps"], part[metric], yerr=_yerr(part, metric),
                 color=colors[lab], marker="o", markersize=4.5, linewidth=1.8, capsize=3, elinewidth=1, label=lab,
             )
         if log_x:
@@ -173,20 +183,21 @@ def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = Non
             seen.setdefault(lab, h)
     if len(seen) > 1 or line_keys:
         fig.legend(list(seen.values()), list(seen.keys()), loc="outside right upper", frameon=False, fontsize=9)
-    fig.suptitle(f"{'FID' if metric == 'fid' else metric} vs steps" + (", per guidance" if has_g else ""), fontsize=12)
+    fig.suptitle(f"{_NAMES.get(metric, metric)} vs steps" + (", per guidance" if has_g else ""), fontsize=12)
     return fig
 
 
 def plot_clip_vs_fid(
-    metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, x: str = "fid", y: str = "clip_score",
+    metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, x: str | None = None, y: str = "clip_score",
     max_labels: int = 12,
 ) -> Figure:
-    """Scatter of `y` (CLIP score) against `x` (FID), one point per configuration with CI error
+    """Scatter of `y` (CLIP score) against `x` (the headline FID), one point per configuration with CI error
     bars, colour per scheduler and marker per guidance, the Pareto front (low x, high y) drawn as
     a step line with its points ringed and labelled; other points are labelled in full too when
     there are at most `max_labels`, else by their steps only."""
     metrics = metrics.reset_index(drop=True)
     keys = key_columns(metrics, keys)
+    x = x or headline_fid(metrics)
     for col in (x, y):
         if not has_values(metrics, col):
             raise PlotSkipped(f"no {col} values")
@@ -202,8 +213,7 @@ def plot_clip_vs_fid(
 
     fig = Figure(figsize=(9.8, 5.8), dpi=_PLOT_DPI, layout="constrained")
     ax = fig.subplots()
-    xerr = _yerr(df, x, f"{x}_ci_lo", f"{x}_ci_hi")
-    yerr = _yerr(df, y, f"{y}_ci_lo", f"{y}_ci_hi")
+    xerr, yerr = _yerr(df, x), _yerr(df, y)
     if xerr is not None or yerr is not None:
         ax.errorbar(df[x], df[y], xerr=xerr, yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9, zorder=1)
     _scatter_groups(ax, df, x, y, colors, markers)
@@ -228,7 +238,7 @@ def plot_clip_vs_fid(
     handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", markersize=11, linestyle="--",
                           label="Pareto front"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=9, frameon=False)
-    title = f"{'CLIP score' if y == 'clip_score' else y} vs {'FID' if x == 'fid' else x}"
+    title = f"{_NAMES.get(y, y)} vs {_NAMES.get(x, x)}"
     ax.set_title(title + (" (numbers: steps)" if short else ""), fontsize=12)
     return fig
 
@@ -243,7 +253,7 @@ def _seconds(metrics: pd.DataFrame) -> pd.Series | None:
 
 
 def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None) -> Figure:
-    """FID and CLIP score (one panel each, whichever are present) against accelerator seconds
+    """The headline FID and CLIP score (one panel each, whichever are present) against accelerator seconds
     per image: colour per scheduler, marker per guidance, steps written next to each point,
     and the cost/quality Pareto front dashed."""
     metrics = metrics.reset_index(drop=True)
@@ -251,7 +261,8 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
     secs = _seconds(metrics)
     if secs is None:
         raise PlotSkipped("no gen_seconds / images_per_gpu_second values")
-    quality = [(c, better) for c, better in (("fid", "min"), ("clip_score", "max")) if has_values(metrics, c)]
+    fid = headline_fid(metrics)
+    quality = [(c, better) for c, better in ((fid, "min"), ("clip_score", "max")) if has_values(metrics, c)]
     if not quality:
         raise PlotSkipped("no FID or CLIP score values")
     df = metrics.copy()
@@ -270,7 +281,7 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
     for ax, (col, better) in zip(axes, quality):
         sub = df.assign(_q=numeric(df, col))
         sub = sub[sub["_q"].notna()]
-        yerr = _yerr(sub.assign(**{col: sub["_q"]}), col, f"{col}_ci_lo", f"{col}_ci_hi")
+        yerr = _yerr(sub.assign(**{col: sub["_q"]}), col)
         if yerr is not None:
             ax.errorbar(sub["_sec"], sub["_q"], yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9, zorder=1)
         _scatter_groups(ax, sub, "_sec", "_q", colors, markers)

@@ -6,6 +6,12 @@ Every metric column is optional: a missing or all-NaN column is left out of the 
 table is headed by how its numbers were measured (extractor, image processor, resize,
 weights, reference and its n, CLIP model, intervals), read from the description columns of
 the rows, so a report rebuilt from metrics.parquet says the same.
+
+FID: the headline is FID-infinity with its interval; the plain FID is headed "FID at n" and
+shown without its bootstrap spread, which is not an interval for the population FID
+(evals/metrics_table.py). Frames without `fid_n` (metrics files of older versions) show their
+plain FID as they always did. Bold marks the best value of a column among the values the
+warnings do not call invalid (`rankable`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evals.metrics_table import FID_INF_MIN_N, headline_fid
 from evals.report.format import fmt_ci, fmt_key, fmt_num, has_values, key_columns, numeric, sig_decimals
 from evals.report.pareto import pareto_front
 
@@ -23,7 +30,8 @@ from evals.report.pareto import pareto_front
 _TABLE_COLUMNS = (
     ("n", "n", None, None, None),
     ("n_error", "errors", None, None, None),
-    ("fid", "FID", "fid_ci_lo", "fid_ci_hi", None),
+    ("fid_inf", "FID-infinity", "fid_inf_lo", "fid_inf_hi", None),
+    ("fid", "FID", "fid_ci_lo", "fid_ci_hi", None),  # "FID at n", without its spread, when fid_n is there
     ("kid", "KID", "kid_ci_lo", "kid_ci_hi", "kid_std"),  # older metrics files have only the sd
     ("clip_score", "CLIP score", "clip_score_ci_lo", "clip_score_ci_hi", None),
     ("attribute_accuracy", "attribute acc.", "attribute_accuracy_ci_lo", "attribute_accuracy_ci_hi", None),
@@ -42,11 +50,65 @@ def _table_columns(metrics: pd.DataFrame):
     from the spec (then a spread column, if any, is shown as ± sd)."""
     specs = []
     for col, name, lo, hi, spread in _TABLE_COLUMNS:
+        if col == "fid" and "fid_n" in metrics.columns:
+            name, lo, hi = _fid_at_n_header(metrics), None, None
         if has_values(metrics, col):
             if lo is not None and not has_values(metrics, lo):
                 lo = hi = None
             specs.append((col, name, lo, hi, spread if lo is None else None))
     return specs
+
+
+def _fid_subset_n(metrics: pd.DataFrame) -> int | None:
+    """The subset size of every plain FID (--fid-n), or None when each group's FID is of all
+    its images (or the frame does not say)."""
+    fid_n, n = numeric(metrics, "fid_n"), numeric(metrics, "n")
+    if fid_n is None or n is None:
+        return None
+    known = fid_n.notna()
+    if fid_n[known].nunique() != 1 or (fid_n[known] == n[known]).all():
+        return None
+    return int(fid_n[known].iloc[0])
+
+
+def _fid_at_n_header(metrics: pd.DataFrame) -> str:
+    """"FID at n" (n: the table's n column), or "FID at n=500" with --fid-n 500."""
+    subset = _fid_subset_n(metrics)
+    return "FID at n" if subset is None else f"FID at n={subset}"
+
+
+def rankable(metrics: pd.DataFrame, col: str) -> pd.Series:
+    """Rows whose `col` may be ranked: not what the warnings call invalid. FID-infinity needs
+    FID_INF_MIN_N images and, like the plain FID, at least `feature_dim` images (below it the
+    covariance is singular: FID is far off and FID-infinity's interval misses the population
+    value); plain FIDs are ranked only at one n (`fid_n`), their bias depends on it. Frames
+    without `feature_dim` (older metrics files) are checked for n only."""
+    ok = pd.Series(True, index=metrics.index)
+    if col not in ("fid", "fid_inf"):
+        return ok
+    n = numeric(metrics, "fid_n" if col == "fid" and "fid_n" in metrics.columns else "n")
+    if n is None:
+        return ok
+    dim = numeric(metrics, "feature_dim")
+    ok &= n >= (FID_INF_MIN_N if col == "fid_inf" else 2)
+    if dim is not None:
+        ok &= ~(n < dim)
+    if col == "fid" and n[ok].nunique() > 1:
+        ok &= False  # unequal n: the warnings say compare at equal n (--fid-n)
+    return ok
+
+
+def _best(metrics: pd.DataFrame) -> dict:
+    """The best rankable value of each quality column with more than one rankable value."""
+    best = {}
+    for col, better in (("fid_inf", "min"), ("fid", "min"), ("kid", "min"), ("clip_score", "max"),
+                        ("attribute_accuracy", "max")):
+        s = numeric(metrics, col)
+        if s is not None:
+            s = s[rankable(metrics, col)]
+            if s.notna().sum() > 1:
+                best[col] = s.min() if better == "min" else s.max()
+    return best
 
 
 def _cell(row, spec) -> str:
@@ -110,12 +172,34 @@ def measurement_lines(metrics: pd.DataFrame) -> list[str]:
     elif clip is not None:
         lines.append("CLIP model (CLIP score, diversity): " + _parts(metrics, (
             ("clip_model", "{}"), ("clip_image_processor", "image processor {}"), ("clip_weights", "weights {}"))))
+    fid = _fid_line(metrics)
+    if fid:
+        lines.append(fid)
     n_boot, level = _described(metrics, "n_boot"), _described(metrics, "ci_level")
     if n_boot is not None:
         level = f"{float(level):.0%}" if level is not None and "/" not in level else (level or "95%")
         lines.append(f"intervals: {level} percentile bootstrap over images, n_boot = {n_boot} "
                      "(KID: generated and reference images resampled; CLIP score: max(mean 100 cos, 0) per resample)")
     return lines
+
+
+def _fid_line(metrics: pd.DataFrame) -> str | None:
+    """What the two FID columns are, when the frame has them (None for older metrics files)."""
+    parts = []
+    if has_values(metrics, "fid_inf"):
+        boot = _described(metrics, "fid_inf_n_boot")
+        parts.append("FID-infinity: FID on subsets of 6 sizes from n/2 to n, extrapolated linearly in 1/n to "
+                     f"n = infinity (Chong & Forsyth 2020), basic bootstrap interval"
+                     + (f", n_boot = {boot}" if boot is not None else ""))
+    if "fid_n" in metrics.columns and has_values(metrics, "fid"):
+        subset = _fid_subset_n(metrics)
+        if subset is not None:
+            parts.append(f"FID at n: plain FID of a seeded subset of n = {subset} images of every group "
+                         "(--fid-n), biased upward by about c/n, the same for every group")
+        else:
+            parts.append("FID at n: plain FID of all n images of each group, biased upward by about c/n "
+                         "(compare only at equal n: --fid-n)")
+    return "FID: " + "; ".join(parts) if parts else None
 
 
 def measurement_markdown(metrics: pd.DataFrame) -> str:
@@ -153,12 +237,11 @@ def metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) 
     """The report's metrics table: keys that are the same for every row are named once above
     it, the best value of each quality column is bold, and Pareto-front rows are starred."""
     specs = _table_columns(metrics)
-    front = pareto_front(metrics) if has_values(metrics, "fid") and has_values(metrics, "clip_score") else None
-    best = {}
-    for col, better in (("fid", "min"), ("kid", "min"), ("clip_score", "max"), ("attribute_accuracy", "max")):
-        s = numeric(metrics, col)
-        if s is not None and s.notna().sum() > 1:
-            best[col] = s.min() if better == "min" else s.max()
+    fid = headline_fid(metrics)
+    front = None  # on the headline FID's rankable values only
+    if has_values(metrics, fid) and has_values(metrics, "clip_score"):
+        front = pareto_front(metrics.assign(**{fid: numeric(metrics, fid).where(rankable(metrics, fid))}), fid)
+    best, ranked = _best(metrics), {col: rankable(metrics, col) for col in ("fid", "fid_inf")}
     constant = [k for k in keys if len(metrics) > 1 and metrics[k].nunique(dropna=False) == 1]
     keys = [k for k in keys if k not in constant]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
@@ -172,7 +255,8 @@ def metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) 
         for s in specs:
             cls = "num"
             v = row.get(s[0])
-            if s[0] in best and v is not None and not pd.isna(v) and float(v) == best[s[0]]:
+            if (s[0] in best and v is not None and not pd.isna(v) and float(v) == best[s[0]]
+                    and (s[0] not in ranked or bool(ranked[s[0]].iloc[i]))):
                 cls += " best"
             tds += f'<td class="{cls}">{html.escape(_cell(row, s))}</td>'
         if front is not None:
