@@ -56,12 +56,19 @@ def sweep_rows(model: str) -> list[dict]:
     return rows
 
 
-def run_job(tmp_path, models_yaml, rows, *flags):
-    manifest = write_parquet(tmp_path / "manifest.parquet", rows)
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def family_sweep(tmp_path_factory, ray_local, models_yaml):
+    """Every family's sweep plus tiny-random (SD 1.x) rows in one job: a manifest mixing families,
+    run with --batch-size 4 so batches hold rows of several models."""
+    rows = [r for model in sorted(SWEEPS) for r in sweep_rows(model)]
+    rows += [dict(prompt="a blue square", model="tiny-random", scheduler="pndm", steps=2, guidance=4.0, seed=s,
+                  height=32, width=32, negative_prompt="", tag=f"tiny-random|pndm|32|{s}") for s in (1, 2)]
+    tmp = tmp_path_factory.mktemp("family-sweep")
+    manifest = write_parquet(tmp / "manifest.parquet", rows)
+    out = tmp / "out"
     assert gen_job.main([str(manifest), "--out", str(out), "--models", str(models_yaml), "--no-progress",
-                         *flags]) == 0
-    return pd.read_parquet(out)
+                         "--batch-size", "4"]) == 0
+    return rows, pd.read_parquet(out)
 
 
 def assert_complete(df: pd.DataFrame, rows: list[dict]):
@@ -74,21 +81,20 @@ def assert_complete(df: pd.DataFrame, rows: list[dict]):
         assert np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).shape == (h, w, 3) == (size, size, 3)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(SWEEPS))
-def test_family_sweep_runs_through_the_job(tmp_path, ray_local, models_yaml, model):
-    rows = sweep_rows(model)
-    assert len(rows) == 16
-    df = run_job(tmp_path, models_yaml, rows, "--batch-size", "4")
-    assert_complete(df, rows)
-    assert df.model_digest.nunique() == 1 and (df.model == model).all()
+def test_family_sweep_runs_through_the_job(family_sweep, model):
+    rows, df = family_sweep
+    mine = [r for r in rows if r["model"] == model]
+    assert len(mine) == 16
+    df = df[df.model == model]
+    assert_complete(df, mine)
+    assert df.model_digest.nunique() == 1
+    for col in ("scheduler", "steps", "guidance", "seed", "negative_prompt"):
+        assert sorted(df[col]) == sorted(r[col] for r in mine), col
 
 
-@pytest.mark.slow
-def test_mixed_family_manifest_finishes_every_row(tmp_path, ray_local, models_yaml):
-    rows = [dict(prompt="a blue square", model=m, seed=s, tag=f"{m}|{s}|32") for m in
-            ["tiny-random", "tiny-sd2v", "tiny-sdxl", "tiny-sd3", "tiny-flux"] for s in (1, 2)]
-    df = run_job(tmp_path, models_yaml, rows, "--batch-size", "8")
+def test_mixed_family_manifest_finishes_every_row(family_sweep):
+    rows, df = family_sweep
     assert_complete(df, rows)
     assert df.model_digest.nunique() == 5
 

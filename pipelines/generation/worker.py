@@ -102,16 +102,21 @@ class GenerateActor:
             try:
                 model = self._model(name)
             except Exception as e:  # noqa: BLE001 - a model that cannot load here: its rows end as error rows
-                self.load_failures[name] = f"model {name!r} could not be loaded on {self.worker}: {innermost_cause(e)}"
+                self.load_failures[name] = (f"model {name!r} could not be loaded (or its warm-up call failed) on "
+                                            f"{self.worker}: {innermost_cause(e)}")
         if name in self.load_failures:
             return self._failed_rows(part, self.load_failures[name])
         now = dt.datetime.now(dt.timezone.utc)  # batch start: the benchmark measures start-up from it
         rows = [Row.of(r) for r in part.to_dict("records")]
+        try:  # rows that fail are error results already; this catches a failure of the model's whole part
+            results = self._generate(name, model, rows)
+        except Exception as e:  # noqa: BLE001 - one model's failure never takes the other models' rows down
+            return self._failed_rows(part, f"model {name!r} failed on {self.worker}: {innermost_cause(e)}")
         return [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
                           status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
                           gen_seconds=res.gen_seconds, batch_size=res.batch_size, dtype=model.dtype,
                           model_digest=model.digest)
-                for res in self._generate(name, model, rows)]
+                for res in results]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # Which attempt at this batch this is (1 = first), counted across actor restarts; 0 when not counted.
