@@ -150,3 +150,18 @@ def test_bad_family_combinations_are_refused_at_validation(registry, model, colu
     with pytest.raises(ManifestError) as e:
         validate_manifest(pa.Table.from_pylist([row]), registry)
     assert f"row 0, column {column!r}" in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(registry):
+    """cache_interval 2: SDXL's UNet (text_time added conditioning) reuses features; on SD3 (a
+    transformer, refused at validation) a row that gets past it is an error row saying why."""
+    def rows(name):
+        return [dict(sample_id=f"{name}-{i}", prompt="a cat", negative_prompt="", seed=i, model=name,
+                     scheduler=TINY_FAMILIES[name][1]["scheduler"], steps=4, guidance=4.0, height=32, width=32,
+                     cache_interval=2) for i in (1, 2)]
+
+    sdxl = generate(load_model(registry.get("tiny-sdxl")), rows("tiny-sdxl"))
+    assert [r.status for r in sdxl] == ["ok", "ok"], [r.error for r in sdxl]
+    sd3 = generate(load_model(registry.get("tiny-sd3")), rows("tiny-sd3"))
+    assert [r.status for r in sd3] == ["error", "error"]
+    assert all("needs a UNet pipeline" in r.error and "SD3Transformer2DModel" in r.error for r in sd3), sd3[0].error
