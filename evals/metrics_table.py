@@ -41,7 +41,8 @@ from evals.stats import bootstrap_ci, fid_bootstrap_ci, kid_bootstrap_ci, weak_c
 # What group_metrics writes, and the columns that say how every row was measured: together
 # with the grouping keys, that is every column of the table.
 METRIC_COLUMNS = (
-    "n", "n_error", "fid_inf", "fid_inf_lo", "fid_inf_hi", "fid", "fid_n", "fid_ci_lo", "fid_ci_hi", "kid", "kid_ci_lo", "kid_ci_hi", "kid_std", "clip_score",
+    "n", "n_error", "fid_inf", "fid_inf_lo", "fid_inf_hi", "fid", "fid_n", "fid_ci_lo", "fid_ci_hi", "kid",
+    "kid_ci_lo", "kid_ci_hi", "kid_std", "clip_score",
     "clip_score_ci_lo", "clip_score_ci_hi", "diversity", "vendi", "attribute_accuracy", "attribute_accuracy_ci_lo",
     "attribute_accuracy_ci_hi", "gen_seconds", "images_per_gpu_second",
 )

@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="feature cache directory (default RESULTS/_features)")
     p.add_argument("--make-reference", nargs=2, metavar=("NAME.npz", "SOURCE"),
                    help="compute reference statistics of SOURCE into NAME.npz and exit")
-    p.add_argument("--n-boot", type=at_least(1, int), default=200, help="bootstrap resamples per interval (FID-inf: <= 50)")
+    p.add_argument("--n-boot", type=at_least(1, int), default=200, help="bootstrap resamples per interval (FID-inf: <=50)")
     p.add_argument("--fid-n", type=at_least(2, int), metavar="N", help="plain FID of a seeded subset of N images of "
                    "every group, so plain FIDs compare (smaller groups: NaN, warned; default: all images)")
     p.add_argument("--batch-size", type=at_least(1, int), default=64, help="images per feature batch")
