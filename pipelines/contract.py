@@ -87,18 +87,14 @@ class Row:
         """One diffusers call's configuration: the run key without the model."""
         return tuple(getattr(self, k) for k in CONFIG_KEY)
 
-    def replace(self, **changes) -> Row:
-        return dataclasses.replace(self, **changes)
-
 
 COLUMNS: tuple[Column, ...] = tuple(
     Column(f.name, f.metadata["column"][0], f.metadata["column"][1], **f.metadata["column"][2])
     for f in dataclasses.fields(Row)
 )
 COLUMN = {c.name: c for c in COLUMNS}
-COLUMN_NAMES = [c.name for c in COLUMNS]
 MANIFEST_SCHEMA = pa.schema([(c.name, c.arrow) for c in COLUMNS])
-MANIFEST_COLUMNS = MANIFEST_SCHEMA.names  # kept: README and users' scripts name it
+MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
 # Rows of one run key share one diffusers call. Sorted by it, the model and the image size
 # (which pick the pipeline and the batch size) come first.
 RUN_KEY = sorted((c.name for c in COLUMNS if c.run_key), key=lambda k: k not in ("model", "height", "width"))

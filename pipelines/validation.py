@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipelines.contract import (COLUMN, COLUMN_NAMES, FROM_MODEL, MANIFEST_SCHEMA, MAX_STEPS, RESULT_COLUMNS,
+from pipelines.contract import (COLUMN, FROM_MODEL, MANIFEST_COLUMNS, MANIFEST_SCHEMA, MAX_STEPS, RESULT_COLUMNS,
                                 RUN_KEY, SEED_LIMIT, default_seed, sample_id)
 from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry
@@ -81,7 +81,7 @@ def validate_manifest(
     _check_columns(table, registry, default_model, source)
     out = _Collector(max_problems)
     n = table.num_rows
-    given = {c: table.column(c).to_pylist() for c in COLUMN_NAMES if c in table.column_names}
+    given = {c: table.column(c).to_pylist() for c in MANIFEST_COLUMNS if c in table.column_names}
 
     values = {"prompt": _strings(given.get("prompt"), "prompt", n, out, required=True),
               "negative_prompt": _strings(given.get("negative_prompt"), "negative_prompt", n, out, required=False)}
@@ -106,14 +106,14 @@ def validate_manifest(
     if out.total:
         raise ManifestError(out.problems, out.total, source)
 
-    clean = pa.table({c: values[c] for c in COLUMN_NAMES if c != "sample_id"},
+    clean = pa.table({c: values[c] for c in MANIFEST_COLUMNS if c != "sample_id"},
                      schema=pa.schema([f for f in MANIFEST_SCHEMA if f.name != "sample_id"]))
     ids = _sample_ids(given.get("sample_id", [None] * n), clean.to_pylist(), out)
     if out.total:
         raise ManifestError(out.problems, out.total, source)
     result = clean.add_column(0, MANIFEST_SCHEMA.field("sample_id"), pa.array(ids, pa.string()))
     for c in table.column_names:
-        if c not in COLUMN_NAMES:
+        if c not in MANIFEST_COLUMNS:
             result = result.append_column(table.schema.field(c), table.column(c))
     return result
 
