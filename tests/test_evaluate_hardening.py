@@ -267,8 +267,15 @@ def test_results_directory_as_reference_uses_its_ok_rows(healthy):
 # ----------------------------------------------------------------------------- progress and logs
 
 
+# Ray core's own line when the GCS tears down an actor whose worker has already closed its
+# socket (seen in CI on Ray 2.60; the same message is discussed in ray-project/ray#58544):
+# it comes from the GCS process at random, not from evaluate, and may land inside a bar.
+RAY_KILL_ACTOR_RACE = re.compile(r"(\x1b\[\d+m)?\(pid=gcs_server\)(\x1b\[0m)? \[[^\]\n]*\][^\n]*"
+                                 r"KillActor RPC failed for actor[^\n]*Socket closed[^\n]*?rpc_code: \d+")
+
+
 def test_a_healthy_run_draws_one_progress_bar_and_logs_no_errors(healthy):
-    err = healthy["stderr"]
+    err = RAY_KILL_ACTOR_RACE.sub("", healthy["stderr"])
     assert "Traceback" not in err
     segments = [s for s in re.split(r"[\r\n]", err) if s.strip()]
     bars = [s for s in segments if re.search(r"\|\s*\d+/\d+ \[", s)]
