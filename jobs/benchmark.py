@@ -29,8 +29,18 @@ dtype, steps, size).
 The work is pipelines/benchmarking/ (suite.py ties it together); the Ray Data path is
 jobs/raydata/benchmark.py.
 
+    python jobs/benchmark.py --suite quality --history bench/quality.parquet --plot --out bench/
+
+`--suite quality` is the scheduled quality benchmark (jobs/quality_suite.py): --images
+rows of one configuration (the model's defaults, or --scheduler/--steps/--guidance/--size)
+through jobs/generate.py and jobs/evaluate.py, one record per run in the history, and a
+verdict against the last good run of the same model on the same device: a metric worse
+beyond interval overlap, or images/s below (1 - --tolerance) x the median of the last
+--window good runs, is a regression (exit 3).
+
 Exit codes: 0 ok; 2 bad input (unknown model, missing weights, bad flag);
-3 throughput regression (some path below (1 - --tolerance) x its history median);
+3 regression (throughput: some path below (1 - --tolerance) x its history median;
+quality: see above);
 4 pixel check failed (see below).
 
 Pixel check. In float32 the actor's pixels must equal plain diffusers' (and the Ray job's the
@@ -51,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script from any directory
     sys.path.insert(0, str(ROOT))
 
+from jobs.cli import OneLineParser  # noqa: E402
 from pipelines.benchmarking.history import apply_history  # noqa: E402
 from pipelines.benchmarking.environment import load_avg  # noqa: E402
 from pipelines.benchmarking.report import markdown, write_outputs  # noqa: E402
@@ -63,8 +74,10 @@ EXIT_PIXELS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="throughput", choices=["throughput"], help="which benchmark (default throughput)")
+    p = OneLineParser(prog="jobs/benchmark.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="throughput", choices=["throughput", "quality"],
+                   help="throughput (default): images/s of each path; quality: one fixed configuration generated and "
+                        "evaluated, judged against the history (see jobs/quality_suite.py)")
     p.add_argument("--model", action="append", default=None, metavar="NAME",
                    help="model to time; repeatable. sd15/sdxl: real architecture, random weights. "
                         "Default: sd15, sdxl, embedded on a GPU; embedded (else tiny-random) on CPU")
@@ -102,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
     p.add_argument("--work-dir", default=None, help="where random-weight models are saved (default OUT/_work)")
     p.add_argument("--history", default=None, metavar="FILE.parquet",
-                   help="append records here and check for regressions")
+                   help="append records here and check for regressions (quality: default OUT/quality_history.parquet)")
+    p.add_argument("--images", type=int, default=64, help="quality: images generated and evaluated (default 64)")
+    p.add_argument("--prompts", default=None, metavar="FILE.txt",
+                   help="quality: prompts, one per line (default for embedded: 8 captions of its domain)")
+    p.add_argument("--reference", default=None,
+                   help="quality: evaluate's --reference (default for embedded: embedded:500)")
+    p.add_argument("--plot", action="store_true", help="quality: draw the history to OUT/quality_history.png")
     p.add_argument("--tolerance", type=float, default=0.1,
                    help="allowed images/s drop vs the history median (default 0.1)")
     p.add_argument("--window", type=int, default=5, help="previous runs the median is taken over (default 5)")
@@ -145,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.size = (int(h), int(w or h))
         except ValueError:
             p.error(f"--size {args.size!r}: expected N or HxW")
-    for flag in ("rows", "steps", "window", "repeats", "cache_interval"):
+    for flag in ("rows", "steps", "window", "repeats", "cache_interval", "images"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag} must be >= 1, got {v}")
@@ -156,6 +175,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.suite == "quality":
+        from jobs.quality_suite import run_quality
+
+        try:
+            return run_quality(args)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     ray_job = None
     if "ray" in args.paths:
         from jobs.raydata.benchmark import RayJobPath  # imports ray
