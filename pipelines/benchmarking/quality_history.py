@@ -143,7 +143,7 @@ def append(rec: dict, history: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 def plot(history: pd.DataFrame, rec: dict, path: Path) -> Path:
     """One panel per judged metric plus images/s, over this key's runs in time order:
-    value with its interval, regressions in red."""
+    value with its interval; red where that panel's quantity regressed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,16 +154,18 @@ def plot(history: pd.DataFrame, rec: dict, path: Path) -> Path:
     fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(max(6, 0.6 * len(runs) + 3), 2.2 * (len(panels) + 1)),
                              sharex=True, squeeze=False)
     x = np.arange(len(runs))
-    bad = runs.regression.astype(bool).to_numpy()
+    regressed = runs.regressed.fillna("").str.split(",")
     for ax, m in zip(axes[:, 0], panels):
         y = runs[m.name].to_numpy(float)
         err = np.vstack([y - runs[m.lo].to_numpy(float), runs[m.hi].to_numpy(float) - y])
         ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=3)
-        ax.plot(x[bad], y[bad], "o", color="tab:red", label="regression")
+        bad = regressed.apply(lambda names, label=m.label: label in names).to_numpy(bool)
+        ax.plot(x[bad], y[bad], "o", color="tab:red", zorder=3)
         ax.set_ylabel(m.label + (" (higher better)" if m.higher_is_better else " (lower better)"), fontsize=8)
     ax = axes[-1, 0]
+    bad = regressed.apply(lambda names: "images/s" in names).to_numpy(bool)
     ax.plot(x, runs.images_per_s, "o-", color="tab:green")
-    ax.plot(x[bad], runs.images_per_s[bad], "o", color="tab:red")
+    ax.plot(x[bad], runs.images_per_s[bad], "o", color="tab:red", zorder=3)
     ax.set_ylabel("images/s", fontsize=8)
     ax.set_xticks(x, [f"{r.created_at[5:16]}\n{r.git_commit or ''}" for r in runs.itertuples()], fontsize=7)
     fig.suptitle(f"quality history: {rec['model']} on {rec['device_name']}", fontsize=9)
