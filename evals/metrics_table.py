@@ -42,7 +42,7 @@ from evals.diversity import diversity_by_prompt
 from evals.fid import RefStats, kernel_inception_distance
 from evals.fid_infinity import MIN_SUBSET, fid_at_n, fid_infinity
 from evals.messages import listing
-from evals.prdc import DC_K, PR_K, density_coverage, kth_neighbour_distances, precision_recall
+from evals.prdc import DC_K, PR_K, density_coverage, neighbour_radii, precision_recall
 from evals.stats import bootstrap_ci, fid_bootstrap_ci, kid_bootstrap_ci, weak_comparison_warnings
 
 # What group_metrics writes, and the columns that say how every row was measured: together
@@ -123,8 +123,8 @@ class ReferenceTerms:
             return None
         x = ref.features
         clip = is_clip_extractor(ref.extractor) and len(x) >= 2
-        return cls(x, kth_neighbour_distances(x, PR_K), kth_neighbour_distances(x, DC_K),
-                   within_kernel_mean(l2_normalize(x)) if clip else None)
+        radii = neighbour_radii(x, (PR_K, DC_K))
+        return cls(x, radii[PR_K], radii[DC_K], within_kernel_mean(l2_normalize(x)) if clip else None)
 
 
 def more_than_fid(x: np.ndarray, terms: ReferenceTerms, n_boot: int) -> dict:

@@ -68,17 +68,27 @@ def _pair(real, fake):
 def kth_neighbour_distances(x, k: int) -> np.ndarray:
     """NND_k: the distance of each row of `x` to its k-th nearest *other* row (the row itself,
     at distance 0, is not counted). All NaN when x has k rows or fewer (no k-th neighbour)."""
+    return neighbour_radii(x, (k,))[k]
+
+
+def neighbour_radii(x, ks) -> dict[int, np.ndarray]:
+    """`kth_neighbour_distances` for every k in `ks`, from one pass over the distances (a
+    reference's radii for precision/recall and for density/coverage at once)."""
     x = as_features(x)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"k must be >= 1, got {ks}")
     n = x.shape[0]
-    if n <= k:
-        return np.full(n, np.nan)
-    out = np.empty(n)
+    out = {k: np.full(n, np.nan) for k in ks}
+    usable = [k for k in ks if k < n]
+    if not usable:
+        return out
     for start, d in _distance_blocks(x, x):
         rows = np.arange(d.shape[0])
         d[rows, start + rows] = 0.0  # the row itself: exactly 0, whatever the round-off
-        out[start:start + d.shape[0]] = np.partition(d, k, axis=1)[:, k]  # index 0 is the row itself
+        part = np.partition(d, usable, axis=1)  # index 0 is the row itself
+        for k in usable:
+            out[k][start:start + d.shape[0]] = part[:, k]
     return out
 
 

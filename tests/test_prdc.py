@@ -137,3 +137,13 @@ def test_cmmd_is_not_computed_on_inception_features():
     stats_only = RefStats(ref.mu, ref.sigma, ref.n, "inception")
     assert any("KID, precision, recall, density, coverage and CMMD are not computed" in n
                for n in comparison_warnings(m, ["scheduler"], 8, stats_only))
+
+
+def test_radii_of_several_k_in_one_pass():
+    x = np.random.default_rng(5).normal(size=(40, 3))
+    radii = prdc.neighbour_radii(x, (5, 3))
+    full = np.sort(np.linalg.norm(x[:, None] - x[None], axis=2), axis=1)  # column 0: the row itself
+    np.testing.assert_allclose(radii[3], full[:, 3], rtol=1e-12)
+    np.testing.assert_allclose(radii[5], full[:, 5], rtol=1e-12)
+    four = prdc.neighbour_radii(x[:4], (3, 5))  # a 3rd neighbour, no 5th
+    assert np.isfinite(four[3]).all() and np.isnan(four[5]).all()
