@@ -11,8 +11,9 @@ its estimator is unbiased at every n:
 
 on L2-normalised CLIP image embeddings x (generated) and y (reference): sigma and scale as
 in the paper's reference implementation (google-research/cmmd, distance.py). That code
-averages over all pairs, the diagonal k(x, x) = 1 included (a V-statistic, biased upward
-by about scale * (1 - mean k) * (1/n + 1/m)); `cmmd(..., unbiased=False)` gives that value
+averages over all pairs, the diagonal k(x, x) = 1 included (a V-statistic, larger by
+scale * [(1 - kxx)/n + (1 - kyy)/m], kxx and kyy the within-side means over distinct
+pairs: biased upward); `cmmd(..., unbiased=False)` gives that value
 for comparison with published numbers. Population CMMD is 0 exactly when the two embedding
 distributions agree (the Gaussian kernel is characteristic); the unbiased estimate can then
 be slightly negative.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from evals.fid import as_features
-from evals.stats import _check_level, _quantiles, mmd2_bootstrap_samples
+from evals.stats import mmd2_bootstrap_ci
 
 SIGMA = 10.0  # Gaussian kernel bandwidth (google-research/cmmd distance.py _SIGMA)
 SCALE = 1000.0  # reported value = SCALE x MMD^2 (google-research/cmmd distance.py _SCALE)
@@ -103,7 +104,8 @@ def cmmd_bootstrap_ci(gen_embeddings, ref_embeddings, n_boot: int = 200, level: 
     matrices small; above that it is the interval of a `subset_size` estimate (wider).
     `normalize=False` skips the L2 normalisation (for features that are not CLIP embeddings,
     e.g. the Gaussian features of the coverage test)."""
-    _check_level(level, n_boot)
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level {level}, n_boot {n_boot}")
     if normalize:
         x, y = l2_normalize(gen_embeddings), l2_normalize(ref_embeddings)
     else:
@@ -116,4 +118,5 @@ def cmmd_bootstrap_ci(gen_embeddings, ref_embeddings, n_boot: int = 200, level: 
     mx, my = min(subset_size, x.shape[0]), min(subset_size, y.shape[0])
     xs, ys = x[rng.permutation(x.shape[0])[:mx]], y[rng.permutation(y.shape[0])[:my]]
     kxx, kyy, kxy = rbf_kernel(xs, xs, sigma), rbf_kernel(ys, ys, sigma), rbf_kernel(xs, ys, sigma)
-    return _quantiles(scale * mmd2_bootstrap_samples(kxx, kyy, kxy, n_boot, rng), level)
+    lo, hi = mmd2_bootstrap_ci(kxx, kyy, kxy, n_boot, level, rng)
+    return scale * lo, scale * hi

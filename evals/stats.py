@@ -175,7 +175,14 @@ def kid_bootstrap_ci(
     xs, ys = x[rng.permutation(x.shape[0])[:mx]], y[rng.permutation(y.shape[0])[:my]]
     gamma = 1.0 / x.shape[1] if gamma is None else gamma
     kxx, kyy = poly_kernel(xs, xs, degree, gamma, coef), poly_kernel(ys, ys, degree, gamma, coef)
-    return _quantiles(mmd2_bootstrap_samples(kxx, kyy, poly_kernel(xs, ys, degree, gamma, coef), n_boot, rng), level)
+    return mmd2_bootstrap_ci(kxx, kyy, poly_kernel(xs, ys, degree, gamma, coef), n_boot, level, rng)
+
+
+def mmd2_bootstrap_ci(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, n_boot: int, level: float,
+                      rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile interval of `mmd2_bootstrap_samples` (KID's and CMMD's interval)."""
+    _check_level(level, n_boot)
+    return _quantiles(mmd2_bootstrap_samples(kxx, kyy, kxy, n_boot, rng), level)
 
 
 def mmd2_bootstrap_samples(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, n_boot: int,
