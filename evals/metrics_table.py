@@ -18,6 +18,11 @@ FID comes twice, because the plain FID of n images is biased upward by about c /
   an interval for the population FID, which they miss (0% coverage at d = 64). They stay in
   metrics.parquet for that use; the tables do not show them.
 
+Beyond FID (docs/evaluation.md "Precision, recall, density, coverage" and "CMMD"), on the
+same features against the same reference's features: `precision`, `recall` (k = 3),
+`density`, `coverage` (k = 5), and `cmmd` with `cmmd_ci_lo`, `cmmd_ci_hi` when those features
+are CLIP embeddings (`cmmd_features` names them; "none", and CMMD NaN, for Inception's).
+
 Every row also says how it was measured (DESCRIPTION_COLUMNS: extractor, image processor,
 weights, reference and its n, CLIP model, n_boot), so a metrics.parquet read on its own, or
 concatenated with another run's, cannot be misread.
@@ -32,24 +37,27 @@ import numpy as np
 import pandas as pd
 
 from evals.clip_score import aggregate_clip_score, raw_clip_scores
+from evals.cmmd import cmmd, cmmd_bootstrap_ci, l2_normalize, within_kernel_mean
 from evals.diversity import diversity_by_prompt
 from evals.fid import RefStats, kernel_inception_distance
 from evals.fid_infinity import MIN_SUBSET, fid_at_n, fid_infinity
 from evals.messages import listing
+from evals.prdc import DC_K, PR_K, density_coverage, neighbour_radii, precision_recall
 from evals.stats import bootstrap_ci, fid_bootstrap_ci, kid_bootstrap_ci, weak_comparison_warnings
 
 # What group_metrics writes, and the columns that say how every row was measured: together
 # with the grouping keys, that is every column of the table.
 METRIC_COLUMNS = (
     "n", "n_error", "fid_inf", "fid_inf_lo", "fid_inf_hi", "fid", "fid_n", "fid_ci_lo", "fid_ci_hi", "kid",
-    "kid_ci_lo", "kid_ci_hi", "kid_std", "clip_score",
+    "kid_ci_lo", "kid_ci_hi", "kid_std", "precision", "recall", "density", "coverage", "cmmd", "cmmd_ci_lo",
+    "cmmd_ci_hi", "clip_score",
     "clip_score_ci_lo", "clip_score_ci_hi", "diversity", "vendi", "attribute_accuracy", "attribute_accuracy_ci_lo",
     "attribute_accuracy_ci_hi", "gen_seconds", "images_per_gpu_second",
 )
 DESCRIPTION_COLUMNS = (
     "extractor", "image_processor", "resize_mode", "image_size", "feature_dim", "weights", "reference",
     "reference_n", "clip_model", "clip_image_processor", "clip_weights", "diversity_features", "n_boot", "ci_level",
-    "fid_inf_n_boot",
+    "fid_inf_n_boot", "pr_k", "dc_k", "cmmd_features",
 )
 CI_LEVEL = 0.95  # every interval of the table
 KID_SUBSETS = 50  # KID's point estimate: mean over this many subsets (clean-fid / torchmetrics style)
@@ -91,6 +99,46 @@ class RowFeatures:
         return RowFeatures(self.fid[idx], pick(self.clip), pick(self.text), pick(self.attributes))
 
 
+def is_clip_extractor(name: str | None) -> bool:
+    """Whether an extractor's features are CLIP image embeddings (CMMD's features): a CLIP
+    model ('clip:<name>') or the embedded domain's CLIP; not Inception, nor unknown (None)."""
+    return name is not None and (name == "embedded" or name.startswith("clip"))
+
+
+@dataclass
+class ReferenceTerms:
+    """What precision/recall, density/coverage and CMMD need of the reference's features,
+    computed once for every group: the k-NN radii (k = PR_K, DC_K) and CMMD's within-reference
+    kernel mean (None when the features are not CLIP embeddings)."""
+
+    features: np.ndarray
+    radii_pr: np.ndarray
+    radii_dc: np.ndarray
+    cmmd_within: float | None
+
+    @classmethod
+    def of(cls, ref: RefStats) -> ReferenceTerms | None:
+        """None when `ref` has no features (a statistics file of mu and sigma only)."""
+        if ref is None or ref.features is None:
+            return None
+        x = ref.features
+        clip = is_clip_extractor(ref.extractor) and len(x) >= 2
+        radii = neighbour_radii(x, (PR_K, DC_K))
+        return cls(x, radii[PR_K], radii[DC_K], within_kernel_mean(l2_normalize(x)) if clip else None)
+
+
+def more_than_fid(x: np.ndarray, terms: ReferenceTerms, n_boot: int) -> dict:
+    """Precision, recall, density, coverage of the group's features `x`, and CMMD with its
+    interval when the features are CLIP embeddings; NaN where a side has too few samples
+    (evals/prdc.py; `manifold_warnings` says which)."""
+    out = dict(zip(("precision", "recall"), precision_recall(terms.features, x, PR_K, real_radii=terms.radii_pr)))
+    out.update(zip(("density", "coverage"), density_coverage(terms.features, x, DC_K, real_radii=terms.radii_dc)))
+    if terms.cmmd_within is not None and len(x) >= 2:
+        out["cmmd"] = cmmd(x, terms.features, ref_within=terms.cmmd_within)
+        out["cmmd_ci_lo"], out["cmmd_ci_hi"] = cmmd_bootstrap_ci(x, terms.features, n_boot=n_boot, level=CI_LEVEL)
+    return out
+
+
 def fid_metrics(x: np.ndarray, ref: RefStats, n_boot: int, fid_n: int | None = None) -> dict:
     """FID-infinity of the group's features `x` with its interval (NaN below FID_INF_MIN_N
     images), and the plain FID at n with its spread (see the module docstring): n is the
@@ -112,9 +160,10 @@ def fid_metrics(x: np.ndarray, ref: RefStats, n_boot: int, fid_n: int | None = N
 
 
 def group_metrics(rows: pd.DataFrame, f: RowFeatures, ref: RefStats | None, n_boot: int,
-                  fid_n: int | None = None) -> dict:
+                  fid_n: int | None = None, terms: ReferenceTerms | None = None) -> dict:
     """The metrics of one configuration's ok rows (columns prompt, gen_seconds) and their
-    features; `fid_n`: the plain FID's n (`fid_metrics`)."""
+    features; `fid_n`: the plain FID's n (`fid_metrics`); `terms`: the reference's
+    `ReferenceTerms` (computed here when None)."""
     n, nan = len(rows), float("nan")
     out = {"n": n}
     if ref is not None and n >= 2:
@@ -123,6 +172,7 @@ def group_metrics(rows: pd.DataFrame, f: RowFeatures, ref: RefStats | None, n_bo
             out["kid"], out["kid_std"] = kernel_inception_distance(
                 f.fid, ref.features, subsets=KID_SUBSETS, subset_size=min(n, ref.features.shape[0], 1000))
             out["kid_ci_lo"], out["kid_ci_hi"] = kid_bootstrap_ci(f.fid, ref.features, n_boot=n_boot, level=CI_LEVEL)
+            out.update(more_than_fid(f.fid, terms or ReferenceTerms.of(ref), n_boot))
     if f.clip is not None:  # torchmetrics' CLIPScore: max(mean 100 cos, 0), clamped after the mean
         raw = raw_clip_scores(f.clip, f.text)
         out["clip_score"] = float(aggregate_clip_score(raw))
@@ -148,12 +198,13 @@ def metrics_table(ok: pd.DataFrame, failed: pd.DataFrame, keys: list[str], featu
     `failed` with those keys), then the metrics of `group_metrics` (plain FID at `fid_n`
     images when given, else at each group's n)."""
     errors = failed.groupby(keys, dropna=False).size()
+    terms = ReferenceTerms.of(ref)
     rows = []
     for key, idx in ok.groupby(keys, sort=True, dropna=False).indices.items():
         key = key if isinstance(key, tuple) else (key,)
         with warnings.catch_warnings():  # NaN means of tiny groups: the table shows them as –
             warnings.simplefilter("ignore")
-            metrics = group_metrics(ok.iloc[idx], features.take(idx), ref, n_boot, fid_n)
+            metrics = group_metrics(ok.iloc[idx], features.take(idx), ref, n_boot, fid_n, terms)
         n_error = int(errors.get(key if len(keys) > 1 else key[0], 0))
         rows.append({**dict(zip(keys, key)), "n": metrics.pop("n"), "n_error": n_error, **metrics})
     return pd.DataFrame(rows)
@@ -173,6 +224,8 @@ def measurement_description(fid: dict, clip: dict | None, reference: str, refere
         "clip_model": clip.get("extractor", "none"), "clip_image_processor": clip.get("image_processor", ""),
         "clip_weights": clip.get("weights", ""), "diversity_features": clip.get("extractor", fid["extractor"]),
         "n_boot": int(n_boot), "ci_level": CI_LEVEL, "fid_inf_n_boot": min(int(n_boot), FID_INF_MAX_BOOT),
+        "pr_k": PR_K, "dc_k": DC_K,
+        "cmmd_features": fid["extractor"] if is_clip_extractor(fid["extractor"]) else "none",
     }
 
 
@@ -204,7 +257,32 @@ def comparison_warnings(metrics: pd.DataFrame, keys: list[str], dim: int, ref: R
             notes.append(f"FID at n={fid_n} (--fid-n): {len(small)} group(s) have fewer images, their fid is NaN: "
                          f"{listing(small)}; lower --fid-n to compare them")
         rows = [(g, fid_n) for g, n in rows if n >= fid_n]
-    return notes + weak_comparison_warnings(dict(rows), dim, ref_n=ref.n, metric="FID at n")
+    return notes + weak_comparison_warnings(dict(rows), dim, ref_n=ref.n, metric="FID at n") + manifold_warnings(
+        metrics, keys, ref)
+
+
+def manifold_warnings(metrics: pd.DataFrame, keys: list[str], ref: RefStats) -> list[str]:
+    """Why precision, recall, density, coverage or CMMD are missing: a reference without
+    features, one of k images or fewer, groups of k images or fewer (recall), or features
+    that are not CLIP embeddings (CMMD)."""
+    if ref.features is None:
+        return ["the reference is statistics only (mu, sigma; no features): KID, precision, recall, density, "
+                "coverage and CMMD are not computed; make it with jobs/evaluate.py --make-reference, which keeps "
+                "the features"]
+    notes, n_ref = [], len(ref.features)
+    if n_ref <= DC_K:
+        what = "precision, density and coverage" if n_ref <= PR_K else "density and coverage"
+        notes.append(f"{what} need more than k images in the reference for its k-th nearest neighbours (k={PR_K} "
+                     f"for precision, {DC_K} for density/coverage); the reference has {n_ref}: NaN")
+    small = [f"{' '.join(str(r[k]) for k in keys)} (n={int(r['n'])})" for r in metrics[[*keys, "n"]].to_dict("records")
+             if int(r["n"]) <= PR_K]
+    if small:
+        notes.append(f"recall needs more than k={PR_K} images per group for their k-th nearest neighbours: "
+                     f"{len(small)} group(s) have fewer, their recall is NaN: {listing(small)}")
+    if not is_clip_extractor(ref.extractor):
+        notes.append(f"CMMD is not computed: it compares CLIP embeddings and the features are "
+                     f"{ref.extractor or 'unknown'}'s (use --features clip with --clip-model, or --features embedded)")
+    return notes
 
 
 def fid_inf_warnings(rows: list[tuple[str, int]], dim: int) -> list[str]:

@@ -175,9 +175,25 @@ def kid_bootstrap_ci(
     xs, ys = x[rng.permutation(x.shape[0])[:mx]], y[rng.permutation(y.shape[0])[:my]]
     gamma = 1.0 / x.shape[1] if gamma is None else gamma
     kxx, kyy = poly_kernel(xs, xs, degree, gamma, coef), poly_kernel(ys, ys, degree, gamma, coef)
+    return mmd2_bootstrap_ci(kxx, kyy, poly_kernel(xs, ys, degree, gamma, coef), n_boot, level, rng)
+
+
+def mmd2_bootstrap_ci(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, n_boot: int, level: float,
+                      rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile interval of `mmd2_bootstrap_samples` (KID's and CMMD's interval)."""
+    _check_level(level, n_boot)
+    return _quantiles(mmd2_bootstrap_samples(kxx, kyy, kxy, n_boot, rng), level)
+
+
+def mmd2_bootstrap_samples(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, n_boot: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Unbiased MMD^2 of `n_boot` resamples of both sides, from the kernel matrices of the
+    sample (any kernel: KID's polynomial one, CMMD's Gaussian one). Pairs of copies of one
+    image are left out (`kid_bootstrap_ci` says why); a resample without pairs is skipped.
+    The diagonals of `kxx` and `kyy` are overwritten with 0."""
+    mx, my = kxx.shape[0], kyy.shape[0]
     np.fill_diagonal(kxx, 0.0)
     np.fill_diagonal(kyy, 0.0)
-    kxy = poly_kernel(xs, ys, degree, gamma, coef)
     samples = []
     chunk = max(1, 20_000_000 // (mx * my + mx * mx + my * my))
     for start in range(0, n_boot, chunk):
@@ -191,7 +207,7 @@ def kid_bootstrap_ci(
         syy = ((e @ kyy) * e).sum(axis=1) / pairs_y
         sxy = ((c @ kxy) * e).sum(axis=1) / (mx * my)
         samples.append(sxx + syy - 2 * sxy)
-    return _quantiles(np.concatenate(samples), level)
+    return np.concatenate(samples)
 
 
 def weak_comparison_warnings(

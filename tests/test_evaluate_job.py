@@ -89,6 +89,23 @@ def test_clip_score_is_torchmetrics_per_configuration(evaluated):
     assert set(per_image.sample_id) == set(rows.sample_id)
 
 
+def test_precision_recall_density_coverage_and_cmmd_per_configuration(evaluated):
+    """On CLIP features (--features clip) every configuration gets all five, and the rows and
+    the metrics.md header name the features and k."""
+    tmp, _, _ = evaluated
+    m = pd.read_parquet(tmp / "report" / "metrics.parquet")
+    for col in ["precision", "recall", "density", "coverage", "cmmd", "cmmd_ci_lo", "cmmd_ci_hi"]:
+        assert m[col].notna().all(), col
+    assert m[["precision", "recall", "coverage"]].apply(lambda c: c.between(0, 1)).all(axis=None)
+    assert (m.cmmd_ci_lo <= m.cmmd_ci_hi).all() and (m.cmmd_features == m.extractor).all()
+    assert (m.pr_k == 3).all() and (m.dc_k == 5).all()
+    md = (tmp / "report" / "metrics.md").read_text()
+    header, table = md.split("\n\n| ", 1)
+    assert f"- precision, recall: k-NN manifolds (Kynkaanniemi et al. 2019), k = 3, on the {m.extractor[0]}" in header
+    assert f"sigma = 10, on L2-normalised {m.extractor[0]} embeddings" in header
+    assert "| precision | recall | density | coverage | CMMD [95% CI] |" in table.splitlines()[0]
+
+
 def test_second_run_reuses_cached_features(evaluated, capsys):
     tmp, results, args = evaluated
     cached = sorted((results / "_features").rglob("part-*.parquet"))

@@ -200,7 +200,8 @@ def described_metrics() -> pd.DataFrame:
     return df.assign(image_processor="pil", image_size=64, feature_dim=64, weights="1a2b3c4d5e6f",
                      reference_n=10000, clip_model="embedded", clip_image_processor="pil",
                      clip_weights="1a2b3c4d5e6f", diversity_features="embedded", n_boot=200, ci_level=0.95,
-                     fid_inf_n_boot=50, kid_ci_lo=df.kid * 0.8, kid_ci_hi=df.kid * 1.2)
+                     fid_inf_n_boot=50, pr_k=3, dc_k=5, cmmd_features="embedded",
+                     kid_ci_lo=df.kid * 0.8, kid_ci_hi=df.kid * 1.2)
 
 
 def test_every_table_is_headed_by_how_it_was_measured(tmp_path):

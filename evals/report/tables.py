@@ -33,6 +33,11 @@ _TABLE_COLUMNS = (
     ("fid_inf", "FID-infinity", "fid_inf_lo", "fid_inf_hi", None),
     ("fid", "FID", "fid_ci_lo", "fid_ci_hi", None),  # "FID at n", without its spread, when fid_n is there
     ("kid", "KID", "kid_ci_lo", "kid_ci_hi", "kid_std"),  # older metrics files have only the sd
+    ("precision", "precision", None, None, None),
+    ("recall", "recall", None, None, None),
+    ("density", "density", None, None, None),
+    ("coverage", "coverage", None, None, None),
+    ("cmmd", "CMMD", "cmmd_ci_lo", "cmmd_ci_hi", None),
     ("clip_score", "CLIP score", "clip_score_ci_lo", "clip_score_ci_hi", None),
     ("attribute_accuracy", "attribute acc.", "attribute_accuracy_ci_lo", "attribute_accuracy_ci_hi", None),
     ("diversity", "diversity", None, None, None),
@@ -102,7 +107,8 @@ def _best(metrics: pd.DataFrame) -> dict:
     """The best rankable value of each quality column with more than one rankable value."""
     best = {}
     for col, better in (("fid_inf", "min"), ("fid", "min"), ("kid", "min"), ("clip_score", "max"),
-                        ("attribute_accuracy", "max")):
+                        ("attribute_accuracy", "max"), ("cmmd", "min"), ("precision", "max"), ("recall", "max"),
+                        ("coverage", "max")):
         s = numeric(metrics, col)
         if s is not None:
             s = s[rankable(metrics, col)]
@@ -175,6 +181,7 @@ def measurement_lines(metrics: pd.DataFrame) -> list[str]:
     fid = _fid_line(metrics)
     if fid:
         lines.append(fid)
+    lines += _beyond_fid_lines(metrics)
     n_boot, level = _described(metrics, "n_boot"), _described(metrics, "ci_level")
     if n_boot is not None:
         level = f"{float(level):.0%}" if level is not None and "/" not in level else (level or "95%")
@@ -200,6 +207,25 @@ def _fid_line(metrics: pd.DataFrame) -> str | None:
             parts.append("FID at n: plain FID of all n images of each group, biased upward by about c/n "
                          "(compare only at equal n: --fid-n)")
     return "FID: " + "; ".join(parts) if parts else None
+
+
+def _beyond_fid_lines(metrics: pd.DataFrame) -> list[str]:
+    """What precision/recall, density/coverage and CMMD are, when the frame has them."""
+    lines = []
+    features = _described(metrics, "extractor") or "the FID"
+    if has_values(metrics, "precision") or has_values(metrics, "recall"):
+        k = _described(metrics, "pr_k") or "3"
+        lines.append(f"precision, recall: k-NN manifolds (Kynkaanniemi et al. 2019), k = {k}, on the {features} "
+                     "features against the reference's")
+    if has_values(metrics, "density") or has_values(metrics, "coverage"):
+        k = _described(metrics, "dc_k") or "5"
+        lines.append(f"density, coverage: the reference's k-NN balls (Naeem et al. 2020), k = {k}, on the {features} "
+                     "features")
+    if has_values(metrics, "cmmd"):
+        clip = _described(metrics, "cmmd_features") or features
+        lines.append(f"CMMD: unbiased MMD^2 x 1000 with a Gaussian kernel, sigma = 10, on L2-normalised {clip} "
+                     "embeddings (Jayasumana et al. 2024); interval: bootstrap of generated and reference images")
+    return lines
 
 
 def measurement_markdown(metrics: pd.DataFrame) -> str:
