@@ -41,6 +41,7 @@ class Metric:
 METRICS = (
     Metric("fid_inf", "fid_inf_lo", "fid_inf_hi", False, "FID-infinity"),
     Metric("kid", "kid_ci_lo", "kid_ci_hi", False, "KID"),
+    Metric("cmmd", "cmmd_ci_lo", "cmmd_ci_hi", False, "CMMD"),
     Metric("clip_score", "clip_score_ci_lo", "clip_score_ci_hi", True, "CLIP score"),
     Metric("attribute_accuracy", "attribute_accuracy_ci_lo", "attribute_accuracy_ci_hi", True, "attribute accuracy"),
 )
