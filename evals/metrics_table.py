@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from evals.clip_score import aggregate_clip_score, raw_clip_scores
+from evals.cost import COST_COLUMNS, cost_metrics, flag_comparable
 from evals.diversity import diversity_by_prompt
 from evals.fid import RefStats, kernel_inception_distance
 from evals.fid_infinity import MIN_SUBSET, fid_at_n, fid_infinity
@@ -51,6 +52,7 @@ DESCRIPTION_COLUMNS = (
     "reference_n", "clip_model", "clip_image_processor", "clip_weights", "diversity_features", "n_boot", "ci_level",
     "fid_inf_n_boot",
 )
+METRIC_COLUMNS += COST_COLUMNS  # evals/cost.py: the spread of gen_seconds, the calls, device and dtype
 CI_LEVEL = 0.95  # every interval of the table
 KID_SUBSETS = 50  # KID's point estimate: mean over this many subsets (clean-fid / torchmetrics style)
 FID_INF_MIN_N = 2 * MIN_SUBSET  # FID-infinity fits subsets of several sizes >= MIN_SUBSET: 16 images at least
@@ -136,9 +138,7 @@ def group_metrics(rows: pd.DataFrame, f: RowFeatures, ref: RefStats | None, n_bo
         out["attribute_accuracy"] = float(np.nanmean(f.attributes))
         out["attribute_accuracy_ci_lo"], out["attribute_accuracy_ci_hi"] = bootstrap_ci(f.attributes, n_boot=n_boot,
                                                                                         level=CI_LEVEL)
-    sec = rows.gen_seconds.to_numpy(dtype=float)
-    out["gen_seconds"] = float(sec.mean())
-    out["images_per_gpu_second"] = float(1.0 / sec.mean()) if sec.mean() > 0 else nan
+    out.update(cost_metrics(rows, n_boot, CI_LEVEL))  # seconds per image, its interval over calls
     return out
 
 
@@ -156,7 +156,10 @@ def metrics_table(ok: pd.DataFrame, failed: pd.DataFrame, keys: list[str], featu
             metrics = group_metrics(ok.iloc[idx], features.take(idx), ref, n_boot, fid_n)
         n_error = int(errors.get(key if len(keys) > 1 else key[0], 0))
         rows.append({**dict(zip(keys, key)), "n": metrics.pop("n"), "n_error": n_error, **metrics})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["cost_comparable"] = flag_comparable(table)
+    return table
 
 
 def measurement_description(fid: dict, clip: dict | None, reference: str, reference_n: int | None,
@@ -193,10 +196,13 @@ def image_scores(ok: pd.DataFrame, keys: list[str], f: RowFeatures) -> pd.DataFr
 
 def comparison_warnings(metrics: pd.DataFrame, keys: list[str], dim: int, ref: RefStats,
                         fid_n: int | None = None) -> list[str]:
-    """The table's warnings about FID, each group named by its key values: FID-infinity's
+    """The table's warnings about FID, each group named by its short label ("ddim 4 steps
+    g7.5": the keys that vary, evals.report.format.config_labels): FID-infinity's
     (`fid_inf_warnings`), groups too small for `fid_n`, and `weak_comparison_warnings` for
     the plain FID at the n it was computed on."""
-    rows = [(" ".join(str(r[k]) for k in keys), int(r["n"])) for r in metrics[[*keys, "n"]].to_dict("records")]
+    from evals.report.format import config_labels  # it imports this module's column lists
+
+    rows = list(zip(config_labels(metrics, keys), metrics["n"].astype(int)))
     notes = fid_inf_warnings(rows, dim)
     if fid_n is not None:
         small = [f"{g} (n={n})" for g, n in rows if n < fid_n]
