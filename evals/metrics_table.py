@@ -71,11 +71,15 @@ def interval_columns(col: str) -> tuple[str, str]:
 
 
 def headline_fid(metrics: pd.DataFrame) -> str:
-    """The FID column a report leads with: `fid_inf` when the frame has a value of it, else
-    `fid` (metrics files of older versions, groups all below FID_INF_MIN_N images)."""
-    if "fid_inf" in metrics.columns and np.isfinite(pd.to_numeric(metrics["fid_inf"], errors="coerce")).any():
-        return "fid_inf"
-    return "fid"
+    """The distance a report leads with (plots, Pareto front): `fid_inf` when the frame has a
+    value of it, else `fid` (metrics files of older versions, groups all below FID_INF_MIN_N
+    images); but `kid` when every group has fewer images than the feature dimension, where
+    both FIDs are invalid (`fid_inf_warnings`) and KID, unbiased at any n, is not."""
+    values = lambda col: pd.to_numeric(metrics[col], errors="coerce") if col in metrics else pd.Series([], dtype=float)  # noqa: E731
+    n, dim = values("n"), values("feature_dim")
+    if len(n) and len(dim) and (n < dim).all() and np.isfinite(values("kid")).any():
+        return "kid"
+    return "fid_inf" if np.isfinite(values("fid_inf")).any() else "fid"
 
 
 @dataclass

@@ -78,10 +78,14 @@ def test_cost_is_named_by_its_device_with_its_calls(evaluated):
     m = pd.read_parquet(tmp / "report" / "metrics.parquet")
     rows = pd.concat([pd.read_parquet(p) for p in results.glob("part-*.parquet")])
     assert (m.device == rows.device.iloc[0]).all() and m.device.str.startswith("cpu").all()
-    assert (m.n_calls >= 1).all() and m.cost_comparable.all() and (m.dtype == "float32").all()
-    assert set(m.batch_sizes) == {str(s) for s in rows.batch_size.unique()}
+    assert (m.n_calls >= 1).all() and (m.dtype == "float32").all()
+    for r in m.itertuples():  # Ray Data's batches can split a configuration across calls
+        sizes = rows[(rows.scheduler == r.scheduler) & (rows.guidance == r.guidance)].batch_size.unique()
+        assert r.batch_sizes == ", ".join(map(str, sorted(sizes)))
+    assert not (m.cost_comparable & m.batch_sizes.str.contains(",")).any()  # a split configuration is flagged
     md = (tmp / "report" / "metrics.md").read_text()
     assert "| CPU s / image" in md and "GPU" not in md and f"- cost: {rows.device.iloc[0]}, float32" in md
+    assert ("> warning: cost: " in md) == (not m.cost_comparable.all())
     run = (tmp / "report" / "report.html").read_text().split('<section id="meta">', 1)[1].split("</section>")[0]
     for label, value in (("device", rows.device.iloc[0]), ("dtype", "float32"),
                          ("diffusers", rows.diffusers_version.iloc[0]), ("torch", rows.torch_version.iloc[0])):

@@ -151,3 +151,15 @@ def test_error_bars_at_one_step_are_dodged_apart():
         ticks = ax.get_xticks()
         assert list(ticks) == [10, 20]  # ticks stay at the true steps, between the dodged bars
         assert ((xs[0] < ax.transData.transform([[t, 0] for t in ticks])[:, 0]).all())
+
+
+def test_kid_is_the_headline_when_every_fid_is_invalid():
+    """Every group below the feature dimension: the plots and the Pareto front lead with KID."""
+    from evals.metrics_table import headline_fid
+
+    m = clustered_metrics().assign(feature_dim=64, kid=np.linspace(1, 2, 8), kid_ci_lo=0.5, kid_ci_hi=2.5)
+    assert headline_fid(m) == "fid_inf"
+    small = m.assign(n=16)
+    assert headline_fid(small) == "kid" and headline_fid(small.drop(columns="kid")) == "fid_inf"
+    fig = plot_clip_vs_fid(small, keys=["model", "scheduler", "steps", "guidance"])
+    assert fig.axes[0].get_xlabel().startswith("KID") and fig.axes[0].get_title() == "CLIP score vs KID"

@@ -74,7 +74,8 @@ footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 2
 
 _PLOTS = (
     ("fid_vs_steps", "FID vs steps", plot_fid_vs_steps,
-     "FID-infinity (bias-corrected; the plain FID at n in metrics files without it) against steps: one line per "
+     "FID-infinity (bias-corrected; the plain FID at n in metrics files without it; KID when every configuration "
+     "has fewer images than the feature dimension, where FID is invalid) against steps: one line per "
      "scheduler, one panel per guidance scale; bars are 95% bootstrap intervals, schedulers shifted slightly "
      "sideways at each step so their bars do not cover each other. Lines flattening out mean more "
      "steps no longer buy quality; overlapping bars mean the ranking is not established at this sample size. "

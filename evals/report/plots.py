@@ -6,7 +6,8 @@ with the cost/quality front.
 
 "FID" in every plot is the headline FID (`evals.metrics_table.headline_fid`): FID-infinity
 with its interval, whose bars cover the population FID; frames without it (older metrics
-files) plot the plain FID, labelled "FID at n", with its bootstrap spread.
+files) plot the plain FID, labelled "FID at n", with its bootstrap spread; and KID when
+every group has fewer images than the feature dimension (both FIDs invalid there).
 
 A plot that cannot be drawn from the frame (a column missing or all-NaN) raises PlotSkipped
 with a reason fit to show the reader; the page shows that reason instead of the plot.
@@ -38,7 +39,7 @@ _PALETTE = (
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
     "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939",
 )
-_NAMES = {"fid_inf": "FID-infinity", "fid": "FID at n", "clip_score": "CLIP score"}
+_NAMES = {"fid_inf": "FID-infinity", "fid": "FID at n", "clip_score": "CLIP score", "kid": "KID"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 _PLOT_DPI = 110
 

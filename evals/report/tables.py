@@ -12,6 +12,10 @@ shown without its bootstrap spread, which is not an interval for the population 
 (evals/metrics_table.py). Frames without `fid_n` (metrics files of older versions) show their
 plain FID as they always did. Bold marks the best value of a column among the values the
 warnings do not call invalid (`rankable`).
+
+Cost is headed by the device the results record ("CPU s / image", "GPU s / image"), with its
+interval over diffusers calls and the calls' sizes ("batch"); † marks a configuration whose
+cost does not compare with the others' (evals/cost.py).
 """
 
 from __future__ import annotations
