@@ -255,7 +255,7 @@ def test_fid_infinity_is_the_headline_with_its_interval(embedded_results, capsys
     assert small[["fid_inf", "fid_inf_lo", "fid_inf_hi"]].isna().all(axis=None) and small.fid.notna().all()
     assert (m.fid_n == m.n).all() and (m.fid_inf_n_boot == 20).all()
     line = next(ln for ln in err.splitlines() if "fewer than 16 images" in ln)
-    assert line.startswith("warning: FID-infinity: 1 group(s)") and ": 2 steps g1 (n=8)" in line
+    assert line.startswith("warning: FID-infinity: 1 group(s)") and "fid_inf is NaN for 2 steps g1 (n=8)" in line
     assert "fewer images than the feature dimension 64" in err  # 20 < 64: warned, never bold
     md = (tmp / "report" / "metrics.md").read_text()
     header, table = md.split("\n\n| ", 1)
