@@ -26,6 +26,7 @@ concatenated with another run's, cannot be misread.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,14 +200,14 @@ def image_scores(ok: pd.DataFrame, keys: list[str], f: RowFeatures) -> pd.DataFr
 
 
 def comparison_warnings(metrics: pd.DataFrame, keys: list[str], dim: int, ref: RefStats,
-                        fid_n: int | None = None) -> list[str]:
-    """The table's warnings about FID, each group named by its short label ("ddim 4 steps
-    g7.5": the keys that vary, evals.report.format.config_labels): FID-infinity's
-    (`fid_inf_warnings`), groups too small for `fid_n`, and `weak_comparison_warnings` for
-    the plain FID at the n it was computed on."""
-    from evals.report.format import config_labels  # it imports this module's column lists
-
-    rows = list(zip(config_labels(metrics, keys), metrics["n"].astype(int)))
+                        fid_n: int | None = None, labels: Sequence[str] | None = None) -> list[str]:
+    """The table's warnings about FID, each group named by its entry of `labels` (jobs/evaluate.py
+    passes evals.report.format.config_labels: "ddim 4 steps g7.5", the keys that vary), else
+    by its key values: FID-infinity's (`fid_inf_warnings`), groups too small for `fid_n`, and
+    `weak_comparison_warnings` for the plain FID at the n it was computed on."""
+    if labels is None:
+        labels = [" ".join(str(r[k]) for k in keys) for r in metrics[keys].to_dict("records")]
+    rows = list(zip(labels, metrics["n"].astype(int)))
     notes = fid_inf_warnings(rows, dim)
     if fid_n is not None:
         small = [f"{g} (n={n})" for g, n in rows if n < fid_n]

@@ -205,9 +205,10 @@ def evaluate(args) -> int:
     ref_name = args.reference or "none"
     for col, value in measurement_description(desc, clip_desc, ref_name, ref.n if ref else None, args.n_boot).items():
         metrics[col] = value
+    labels = config_labels(metrics, keys)  # "ddim 4 steps g7.5": how warnings name configurations
     if ref is not None:
-        notes += comparison_warnings(metrics, keys, desc["dim"], ref, fid_n=args.fid_n)
-    notes += cost_warnings(metrics, config_labels(metrics, keys))
+        notes += comparison_warnings(metrics, keys, desc["dim"], ref, fid_n=args.fid_n, labels=labels)
+    notes += cost_warnings(metrics, labels)
     table = write_metrics_files(out, metrics, keys, notes, image_scores(ok, keys, features))
     grid = grid_rows(ok, keys, args.grid_prompts, args.grid_configs)
     images = read_images(shards, list(set(grid.sample_id)))

@@ -106,7 +106,7 @@ def test_warnings_name_groups_by_readable_labels_and_count_them():
     metrics = pd.DataFrame([dict(model="embedded", height=64, width=64, scheduler=s, steps=st, guidance=7.5, n=16)
                             for s, st in itertools.product(["ddim", "euler"], [4, 20, 50])])
     ref = RefStats(np.zeros(64), np.eye(64), n=500)
-    notes = comparison_warnings(metrics, keys, 64, ref)
+    notes = comparison_warnings(metrics, keys, 64, ref, labels=config_labels(metrics, keys))
     note = next(n for n in notes if n.startswith("FID-infinity"))
     assert note.startswith("FID-infinity: 6 group(s) have fewer images than the feature dimension 64: ")
     assert "ddim 4 steps (n=16), ddim 20 steps (n=16)" in note and "and 1 more" in note
