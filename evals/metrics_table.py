@@ -31,6 +31,7 @@ concatenated with another run's, cannot be misread.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ import pandas as pd
 
 from evals.clip_score import aggregate_clip_score, raw_clip_scores
 from evals.cmmd import cmmd, cmmd_bootstrap_ci, l2_normalize, within_kernel_mean
+from evals.cost import COST_COLUMNS, cost_metrics, flag_comparable
 from evals.diversity import diversity_by_prompt
 from evals.fid import RefStats, kernel_inception_distance
 from evals.fid_infinity import MIN_SUBSET, fid_at_n, fid_infinity
@@ -59,6 +61,7 @@ DESCRIPTION_COLUMNS = (
     "reference_n", "clip_model", "clip_image_processor", "clip_weights", "diversity_features", "n_boot", "ci_level",
     "fid_inf_n_boot", "pr_k", "dc_k", "cmmd_features",
 )
+METRIC_COLUMNS += COST_COLUMNS  # evals/cost.py: the spread of gen_seconds, the calls, device and dtype
 CI_LEVEL = 0.95  # every interval of the table
 KID_SUBSETS = 50  # KID's point estimate: mean over this many subsets (clean-fid / torchmetrics style)
 FID_INF_MIN_N = 2 * MIN_SUBSET  # FID-infinity fits subsets of several sizes >= MIN_SUBSET: 16 images at least
@@ -77,11 +80,15 @@ def interval_columns(col: str) -> tuple[str, str]:
 
 
 def headline_fid(metrics: pd.DataFrame) -> str:
-    """The FID column a report leads with: `fid_inf` when the frame has a value of it, else
-    `fid` (metrics files of older versions, groups all below FID_INF_MIN_N images)."""
-    if "fid_inf" in metrics.columns and np.isfinite(pd.to_numeric(metrics["fid_inf"], errors="coerce")).any():
-        return "fid_inf"
-    return "fid"
+    """The distance a report leads with (plots, Pareto front): `fid_inf` when the frame has a
+    value of it, else `fid` (metrics files of older versions, groups all below FID_INF_MIN_N
+    images); but `kid` when every group has fewer images than the feature dimension, where
+    both FIDs are invalid (`fid_inf_warnings`) and KID, unbiased at any n, is not."""
+    values = lambda col: pd.to_numeric(metrics[col], errors="coerce") if col in metrics else pd.Series([], dtype=float)  # noqa: E731
+    n, dim = values("n"), values("feature_dim")
+    if len(n) and len(dim) and (n < dim).all() and np.isfinite(values("kid")).any():
+        return "kid"
+    return "fid_inf" if np.isfinite(values("fid_inf")).any() else "fid"
 
 
 @dataclass
@@ -186,9 +193,7 @@ def group_metrics(rows: pd.DataFrame, f: RowFeatures, ref: RefStats | None, n_bo
         out["attribute_accuracy"] = float(np.nanmean(f.attributes))
         out["attribute_accuracy_ci_lo"], out["attribute_accuracy_ci_hi"] = bootstrap_ci(f.attributes, n_boot=n_boot,
                                                                                         level=CI_LEVEL)
-    sec = rows.gen_seconds.to_numpy(dtype=float)
-    out["gen_seconds"] = float(sec.mean())
-    out["images_per_gpu_second"] = float(1.0 / sec.mean()) if sec.mean() > 0 else nan
+    out.update(cost_metrics(rows, n_boot, CI_LEVEL))  # seconds per image, its interval over calls
     return out
 
 
@@ -207,7 +212,10 @@ def metrics_table(ok: pd.DataFrame, failed: pd.DataFrame, keys: list[str], featu
             metrics = group_metrics(ok.iloc[idx], features.take(idx), ref, n_boot, fid_n, terms)
         n_error = int(errors.get(key if len(keys) > 1 else key[0], 0))
         rows.append({**dict(zip(keys, key)), "n": metrics.pop("n"), "n_error": n_error, **metrics})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["cost_comparable"] = flag_comparable(table)
+    return table
 
 
 def measurement_description(fid: dict, clip: dict | None, reference: str, reference_n: int | None,
@@ -245,11 +253,14 @@ def image_scores(ok: pd.DataFrame, keys: list[str], f: RowFeatures) -> pd.DataFr
 
 
 def comparison_warnings(metrics: pd.DataFrame, keys: list[str], dim: int, ref: RefStats,
-                        fid_n: int | None = None) -> list[str]:
-    """The table's warnings about FID, each group named by its key values: FID-infinity's
-    (`fid_inf_warnings`), groups too small for `fid_n`, and `weak_comparison_warnings` for
-    the plain FID at the n it was computed on."""
-    rows = [(" ".join(str(r[k]) for k in keys), int(r["n"])) for r in metrics[[*keys, "n"]].to_dict("records")]
+                        fid_n: int | None = None, labels: Sequence[str] | None = None) -> list[str]:
+    """The table's warnings about FID, each group named by its entry of `labels` (jobs/evaluate.py
+    passes evals.report.format.config_labels: "ddim 4 steps g7.5", the keys that vary), else
+    by its key values: FID-infinity's (`fid_inf_warnings`), groups too small for `fid_n`, and
+    `weak_comparison_warnings` for the plain FID at the n it was computed on."""
+    if labels is None:
+        labels = [" ".join(str(r[k]) for k in keys) for r in metrics[keys].to_dict("records")]
+    rows = list(zip(labels, metrics["n"].astype(int)))
     notes = fid_inf_warnings(rows, dim)
     if fid_n is not None:
         small = [f"{g} (n={n})" for g, n in rows if n < fid_n]

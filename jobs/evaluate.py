@@ -28,10 +28,12 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from evals.cost import cost_warnings  # noqa: E402
 from evals.feature_cache import FeatureCache, cache_key, feature_description  # noqa: E402
 from evals.messages import listing  # noqa: E402
 from evals.metrics_table import (  # noqa: E402
     RowFeatures, comparison_warnings, image_scores, measurement_description, metrics_table)
+from evals.provenance import run_provenance  # noqa: E402
 from evals.references import BadReference, Reference, ReferencePlan, save_reference_stats  # noqa: E402
 from evals.text_embeddings import text_embeddings  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
@@ -185,6 +187,7 @@ def extract(args, df, ok, shards, notes: list[str]):
 
 def evaluate(args) -> int:
     from evals.report.grid import grid_rows
+    from evals.report.format import config_labels
     from evals.report.page import write_report
     from evals.report.tables import write_metrics_files
 
@@ -202,8 +205,10 @@ def evaluate(args) -> int:
     ref_name = args.reference or "none"
     for col, value in measurement_description(desc, clip_desc, ref_name, ref.n if ref else None, args.n_boot).items():
         metrics[col] = value
+    labels = config_labels(metrics, keys)  # "ddim 4 steps g7.5": how warnings name configurations
     if ref is not None:
-        notes += comparison_warnings(metrics, keys, desc["dim"], ref, fid_n=args.fid_n)
+        notes += comparison_warnings(metrics, keys, desc["dim"], ref, fid_n=args.fid_n, labels=labels)
+    notes += cost_warnings(metrics, labels)
     table = write_metrics_files(out, metrics, keys, notes, image_scores(ok, keys, features))
     grid = grid_rows(ok, keys, args.grid_prompts, args.grid_configs)
     images = read_images(shards, list(set(grid.sample_id)))
@@ -211,7 +216,7 @@ def evaluate(args) -> int:
     meta = {"results": str(Path(args.results)), "reference": ref_name, "extractor": desc["extractor"],
             "resize_mode": desc["resize_mode"], "image processor": desc["image_processor"],
             "CLIP model": clip_desc["extractor"] if clip_desc else "none", "n_boot": str(args.n_boot),
-            "FID at n": f"--fid-n {args.fid_n}" if args.fid_n else "all images of each group",
+            "FID at n": f"--fid-n {args.fid_n}" if args.fid_n else "all images of each group", **run_provenance(ok),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "features computed this run": str(n_new)}
     write_report(metrics, grid.drop(columns="sample_id"), out, keys=keys, title=f"diffsweep: {Path(args.results).name}",

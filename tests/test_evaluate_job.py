@@ -71,6 +71,27 @@ def test_metrics_say_how_they_were_measured(evaluated):
     assert (m.kid_ci_lo <= m.kid_ci_hi).all() and "KID [95% CI]" in (tmp / "report" / "metrics.md").read_text()
 
 
+def test_cost_is_named_by_its_device_with_its_calls(evaluated):
+    """On this CPU the cost columns say CPU (not GPU), every row names its device, calls and
+    their sizes, and the Run panel lists device, dtype and versions from the results."""
+    tmp, results, _ = evaluated
+    m = pd.read_parquet(tmp / "report" / "metrics.parquet")
+    rows = pd.concat([pd.read_parquet(p) for p in results.glob("part-*.parquet")])
+    assert (m.device == rows.device.iloc[0]).all() and m.device.str.startswith("cpu").all()
+    assert (m.n_calls >= 1).all() and (m.dtype == "float32").all()
+    for r in m.itertuples():  # Ray Data's batches can split a configuration across calls
+        sizes = rows[(rows.scheduler == r.scheduler) & (rows.guidance == r.guidance)].batch_size.unique()
+        assert r.batch_sizes == ", ".join(map(str, sorted(sizes)))
+    assert not (m.cost_comparable & m.batch_sizes.str.contains(",")).any()  # a split configuration is flagged
+    md = (tmp / "report" / "metrics.md").read_text()
+    assert "| CPU s / image" in md and "GPU" not in md and f"- cost: {rows.device.iloc[0]}, float32" in md
+    assert ("> warning: cost: " in md) == (not m.cost_comparable.all())
+    run = (tmp / "report" / "report.html").read_text().split('<section id="meta">', 1)[1].split("</section>")[0]
+    for label, value in (("device", rows.device.iloc[0]), ("dtype", "float32"),
+                         ("diffusers", rows.diffusers_version.iloc[0]), ("torch", rows.torch_version.iloc[0])):
+        assert f"<th>{label}</th><td>{value}</td>" in run
+
+
 def test_clip_score_is_torchmetrics_per_configuration(evaluated):
     """The job's CLIP score of each configuration = torchmetrics' CLIPScore on that
     configuration's images and prompts; image_scores.parquet has the unclamped per-image scores."""
@@ -251,7 +272,7 @@ def test_fid_infinity_is_the_headline_with_its_interval(embedded_results, capsys
     assert small[["fid_inf", "fid_inf_lo", "fid_inf_hi"]].isna().all(axis=None) and small.fid.notna().all()
     assert (m.fid_n == m.n).all() and (m.fid_inf_n_boot == 20).all()
     line = next(ln for ln in err.splitlines() if "fewer than 16 images" in ln)
-    assert line.startswith("warning: FID-infinity: 1 group(s)") and "ddim 2 1.0 1 (n=8)" in line
+    assert line.startswith("warning: FID-infinity: 1 group(s)") and "fid_inf is NaN for 2 steps g1 (n=8)" in line
     assert "fewer images than the feature dimension 64" in err  # 20 < 64: warned, never bold
     md = (tmp / "report" / "metrics.md").read_text()
     header, table = md.split("\n\n| ", 1)

@@ -25,6 +25,16 @@ def key_columns(metrics: pd.DataFrame, keys: Sequence[str] | None = None) -> lis
     return [k for k in keys if k in metrics.columns]
 
 
+def device_kind(metrics: pd.DataFrame) -> str:
+    """What ran the images, for the cost headers: "CPU", "GPU" (CUDA), "MPS", or "device"
+    when the frame does not say or they ran on several kinds."""
+    if "device" not in metrics.columns:
+        return "device"
+    kinds = {d.strip().split(":")[0] for v in metrics["device"].dropna() for d in str(v).split(",") if d.strip()}
+    names = {"cpu": "CPU", "cuda": "GPU", "mps": "MPS", "xpu": "XPU"}
+    return names.get(kinds.pop(), "device") if len(kinds) == 1 else "device"
+
+
 def numeric(df: pd.DataFrame, col: str | None) -> pd.Series | None:
     """`df[col]` as float, or None when the column is absent or has no finite value."""
     if col is None or col not in df.columns:

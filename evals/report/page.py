@@ -74,17 +74,21 @@ footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 2
 
 _PLOTS = (
     ("fid_vs_steps", "FID vs steps", plot_fid_vs_steps,
-     "FID-infinity (bias-corrected; the plain FID at n in metrics files without it) against steps: one line per "
-     "scheduler, one panel per guidance scale; bars are 95% bootstrap intervals. Lines flattening out mean more "
+     "FID-infinity (bias-corrected; the plain FID at n in metrics files without it; KID when every configuration "
+     "has fewer images than the feature dimension, where FID is invalid) against steps: one line per "
+     "scheduler, one panel per guidance scale; bars are 95% bootstrap intervals, schedulers shifted slightly "
+     "sideways at each step so their bars do not cover each other. Lines flattening out mean more "
      "steps no longer buy quality; overlapping bars mean the ranking is not established at this sample size. "
      "Values the warnings call invalid are drawn too: read the warnings first."),
     ("clip_vs_fid", "CLIP score vs FID", plot_clip_vs_fid,
      "Each point is a configuration (FID: FID-infinity where present). Ringed points joined by the dashed line "
      "form the Pareto front: no other configuration has both lower FID and higher CLIP score. Points off the "
      "front are beaten on both."),
-    ("quality_vs_cost", "Quality vs GPU-seconds per image", plot_quality_vs_cost,
-     "Quality against accelerator seconds per image (numbers: steps; colour: scheduler; marker: guidance). "
-     "The dashed line is the cost/quality front: the cheapest configuration for each quality level."),
+    ("quality_vs_cost", "Quality vs seconds per image", plot_quality_vs_cost,
+     "Quality against seconds per image on the device named in the Run panel (numbers: steps; colour: scheduler; "
+     "marker: guidance; horizontal bars: 95% bootstrap interval over diffusers calls). The dashed line is the "
+     "cost/quality front: the cheapest configuration for each quality level. Costs marked † in the table do not "
+     "compare (see the warnings)."),
 )
 
 
@@ -148,7 +152,9 @@ def _table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) -> str:
             "Bold: best point estimate in the column (overlapping intervals mean the order is not established), "
             "never a value the warnings call invalid (FID of fewer images than the feature dimension, plain FIDs "
             "at unequal n). ★: on the FID / CLIP score Pareto front. "
-            "GPU s / img: mean accelerator seconds per image.</p>")
+            "s / img: mean seconds per image on the device named in the header (CPU or GPU), its interval over "
+            "diffusers calls; batch: the sizes of those calls; †: cost not comparable with the other rows (calls of "
+            "other sizes, see the warnings).</p>")
     return note + metrics_table_html(metrics, keys, ci_level)
 
 

@@ -1,10 +1,13 @@
 """The report's plots, as matplotlib Figures: FID vs steps (one line per scheduler, one panel
-per guidance, CI error bars); CLIP score vs FID with the Pareto front marked; quality vs
-accelerator seconds per image with the cost/quality front.
+per guidance, CI error bars, lines dodged sideways so bars at one step do not cover each
+other); CLIP score vs FID with the Pareto front marked and point labels placed where they
+overlap neither each other nor a point; quality vs seconds per image on the run's device
+with the cost/quality front.
 
 "FID" in every plot is the headline FID (`evals.metrics_table.headline_fid`): FID-infinity
 with its interval, whose bars cover the population FID; frames without it (older metrics
-files) plot the plain FID, labelled "FID at n", with its bootstrap spread.
+files) plot the plain FID, labelled "FID at n", with its bootstrap spread; and KID when
+every group has fewer images than the feature dimension (both FIDs invalid there).
 
 A plot that cannot be drawn from the frame (a column missing or all-NaN) raises PlotSkipped
 with a reason fit to show the reader; the page shows that reason instead of the plot.
@@ -22,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from evals.metrics_table import headline_fid, interval_columns
-from evals.report.format import config_labels, fmt_key, has_values, key_columns, label_part, numeric
+from evals.report.format import config_labels, device_kind, fmt_key, has_values, key_columns, label_part, numeric
 from evals.report.pareto import pareto_front
 
 _LABELS = {
@@ -31,13 +34,12 @@ _LABELS = {
     "clip_score": "CLIP score (higher is better)",
     "kid": "KID (lower is better)",
     "attribute_accuracy": "attribute accuracy (higher is better)",
-    "gen_seconds": "accelerator seconds per image",
 }
 _PALETTE = (
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
     "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939",
 )
-_NAMES = {"fid_inf": "FID-infinity", "fid": "FID at n", "clip_score": "CLIP score"}
+_NAMES = {"fid_inf": "FID-infinity", "fid": "FID at n", "clip_score": "CLIP score", "kid": "KID"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 _PLOT_DPI = 110
 
@@ -124,6 +126,21 @@ def _legend_handles(colors: dict, markers: dict, line_keys: list[str]) -> list:
     return handles
 
 
+def dodge(x: np.ndarray, i: int, n_lines: int, ticks: Sequence[float], log_x: bool) -> np.ndarray:
+    """Line `i` of `n_lines`' x values shifted sideways so that error bars of lines at the same
+    step sit side by side instead of on top of each other: the lines spread over 12% of the
+    axis span (at most half the closest gap between steps), in log space on a log axis; the
+    ticks stay at the true steps."""
+    if n_lines < 2:
+        return x
+    t = np.log10(np.asarray(ticks, dtype=np.float64)) if log_x else np.asarray(ticks, dtype=np.float64)
+    gaps = np.diff(np.unique(t))
+    span = float(t.max() - t.min()) if len(gaps) else (0.3 if log_x else max(1.0, abs(float(t[0]))))
+    spread = min(0.12 * span, 0.5 * float(gaps.min())) if len(gaps) else 0.12 * span
+    shift = (i - (n_lines - 1) / 2) * spread / (n_lines - 1)
+    return x * 10.0 ** shift if log_x else x + shift
+
+
 def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None, metric: str | None = None) -> Figure:
     """`metric` (default the headline FID) against steps: one line per scheduler (and per any
     other varying key but guidance), one panel per guidance value, interval error bars where
@@ -153,15 +170,18 @@ def plot_fid_vs_steps(metrics: pd.DataFrame, *, keys: Sequence[str] | None = Non
     fig = Figure(figsize=(4.4 * ncols + 1.6, 3.4 * nrows + 0.6), dpi=_PLOT_DPI, layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
     steps_ticks = sorted(df["_steps"].unique())
+    lines = sorted(df["_line"].unique())
     log_x = len(steps_ticks) > 1 and steps_ticks[0] > 0 and steps_ticks[-1] / steps_ticks[0] >= 8
     for ax, g in zip(axes, panels):
         sub = df if g is None else df[df["guidance"] == g]
         for lab in sorted(sub["_line"].unique()):
+            i = lines.index(lab)  # the same sideways shift in every panel
             part = sub[sub["_line"] == lab]
             cols = [metric] + [c for c in (lo, hi) if c in part.columns]
             part = part.groupby("_steps", as_index=False)[cols].mean(numeric_only=True).sort_values("_steps")
             ax.errorbar(
-                part["_steps"], part[metric], yerr=_yerr(part, metric),
+                dodge(part["_steps"].to_numpy(), i, len(lines), steps_ticks, log_x), part[metric],
+                yerr=_yerr(part, metric),
                 color=colors[lab], marker="o", markersize=4.5, linewidth=1.8, capsize=3, elinewidth=1, label=lab,
             )
         if log_x:
@@ -222,14 +242,14 @@ def plot_clip_vs_fid(
         ax.step(f[x], f[y], where="post", color="black", linestyle="--", linewidth=1.2, zorder=2)
         ax.scatter(f[x], f[y], s=170, facecolor="none", edgecolor="black", linewidth=1.4, zorder=4)
     short = "steps" in keys and len(df) > max_labels  # many points: off-front points get their steps only
+    labels = []
     for _, r in df.iterrows():
         on = bool(front.get(r.name, False))
         if on or not short:
-            text, size, color = r["_label"], 7.5, "#111" if on else "#555"
+            text, style = r["_label"], dict(fontsize=7.5, color="#111" if on else "#555")
         else:
-            text, size, color = fmt_key(r["steps"]), 7, "#666"
-        ax.annotate(text, (r[x], r[y]), xytext=(5, 4), textcoords="offset points", fontsize=size, color=color,
-                    zorder=5, fontweight="bold" if on else "normal")
+            text, style = fmt_key(r["steps"]), dict(fontsize=7, color="#666")
+        labels.append((not on, r[x], r[y], text, dict(style, fontweight="bold" if on else "normal")))
     ax.set_xlabel(_LABELS.get(x, x))
     ax.set_ylabel(_LABELS.get(y, y))
     ax.text(0.01, 0.99, "better ↖", transform=ax.transAxes, ha="left", va="top", fontsize=9, color="#555")
@@ -240,7 +260,79 @@ def plot_clip_vs_fid(
     fig.legend(handles=handles, loc="outside right upper", fontsize=9, frameon=False)
     title = f"{_NAMES.get(y, y)} vs {_NAMES.get(x, x)}"
     ax.set_title(title + (" (numbers: steps)" if short else ""), fontsize=12)
+    place_labels(fig, ax, [item[1:] for item in sorted(labels, key=lambda item: item[0])])  # front labels first
     return fig
+
+
+# Where a label may go around its point, in points: rings of growing radius, 8 directions each
+# (upper right first, the old fixed place). A label off the first ring gets a leader line.
+_RINGS = (6, 13, 22, 33, 46, 62)
+_DIRECTIONS = ((1, 0.7), (1, -0.7), (0, 1), (0, -1), (-1, 0.7), (-1, -0.7), (1, 0), (-1, 0))
+
+
+def _overlap(a, b) -> float:
+    """Overlapping area (display pixels squared) of two matplotlib Bboxes."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def label_extent(ann, renderer=None):
+    """The box of an annotation's text alone (Annotation.get_window_extent adds its leader line)."""
+    from matplotlib.text import Text
+
+    ann.update_positions(renderer or ann.get_figure(root=True).canvas.get_renderer())
+    return Text.get_window_extent(ann, renderer)
+
+
+def place_labels(fig: Figure, ax, labels: Sequence[tuple[float, float, str, dict]], point_px: float = 7.0) -> list:
+    """Annotate each (x, y, text, text style) so that no two labels overlap and no label
+    covers a point: every candidate place (`_RINGS` x `_DIRECTIONS`) is tried in order and
+    the first whose box overlaps nothing placed is kept (else the least overlapping one, inside
+    the axes if it can be). Labels are placed in the given order, so the important ones get
+    the closest places. The layout is settled first and labels are left out of it, so the
+    boxes measured here are where the saved figure draws them. Returns the annotations."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    if not labels:
+        return []
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.draw_without_rendering()  # constrained layout moves the axes: measure after it
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pts = ax.transData.transform(np.array([(lx, ly) for lx, ly, _, _ in labels], dtype=np.float64))
+    taken = [Bbox.from_extents(px - point_px, py - point_px, px + point_px, py + point_px) for px, py in pts]
+    scale = fig.dpi / 72.0
+    placed = []
+    for lx, ly, text, style in labels:
+        best = None
+        for ring in _RINGS:
+            for dx, dy in _DIRECTIONS:
+                ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+                va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+                leader = dict(arrowstyle="-", color="#9a9a9a", lw=0.6, shrinkA=0, shrinkB=4) if ring > _RINGS[0] else None
+                ann = ax.annotate(text, (lx, ly), xytext=(dx * ring, dy * ring), textcoords="offset points", ha=ha,
+                                  va=va, zorder=5, arrowprops=leader, annotation_clip=False, **style)
+                ann.set_in_layout(False)
+                box = label_extent(ann, renderer)
+                cost = sum(_overlap(box, t) for t in taken)
+                outside = box.width * box.height - _overlap(box, frame)
+                score = (cost + 4 * outside, ring)
+                if best is None or score < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (score, ann, box)
+                else:
+                    ann.remove()
+                if score[0] == 0:
+                    break
+            if best[0][0] == 0:
+                break
+        taken.append(best[2].expanded(1.0, 1.0).padded(1.0 * scale))
+        placed.append(best[1])
+    return placed
 
 
 def _seconds(metrics: pd.DataFrame) -> pd.Series | None:
@@ -253,9 +345,10 @@ def _seconds(metrics: pd.DataFrame) -> pd.Series | None:
 
 
 def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = None) -> Figure:
-    """The headline FID and CLIP score (one panel each, whichever are present) against accelerator seconds
-    per image: colour per scheduler, marker per guidance, steps written next to each point,
-    and the cost/quality Pareto front dashed."""
+    """The headline FID and CLIP score (one panel each, whichever are present) against seconds
+    per image on the device that made them (CPU, GPU: from the `device` column), with the
+    interval over calls as x error bars: colour per scheduler, marker per guidance, steps
+    written next to each point, and the cost/quality Pareto front dashed."""
     metrics = metrics.reset_index(drop=True)
     keys = key_columns(metrics, keys)
     secs = _seconds(metrics)
@@ -282,8 +375,10 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
         sub = df.assign(_q=numeric(df, col))
         sub = sub[sub["_q"].notna()]
         yerr = _yerr(sub.assign(**{col: sub["_q"]}), col)
-        if yerr is not None:
-            ax.errorbar(sub["_sec"], sub["_q"], yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9, zorder=1)
+        xerr = _yerr(sub, "gen_seconds") if "gen_seconds" in sub and sub["gen_seconds"].notna().all() else None
+        if yerr is not None or xerr is not None:
+            ax.errorbar(sub["_sec"], sub["_q"], xerr=xerr, yerr=yerr, fmt="none", ecolor="#c4c4c4", elinewidth=0.9,
+                        zorder=1)
         _scatter_groups(ax, sub, "_sec", "_q", colors, markers)
         if has_steps and len(sub) <= 60:
             for _, r in sub.iterrows():
@@ -296,7 +391,7 @@ def plot_quality_vs_cost(metrics: pd.DataFrame, *, keys: Sequence[str] | None = 
             ax.step(f["_sec"], f["_q"], where="post", color="black", linestyle="--", linewidth=1, zorder=2)
         if log_x:
             ax.set_xscale("log")
-        ax.set_xlabel(_LABELS["gen_seconds"])
+        ax.set_xlabel(f"{device_kind(metrics)} seconds per image")
         ax.set_ylabel(_LABELS.get(col, col))
         _style_axes(ax)
     handles = _legend_handles(colors, markers, line_keys)

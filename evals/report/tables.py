@@ -12,6 +12,10 @@ shown without its bootstrap spread, which is not an interval for the population 
 (evals/metrics_table.py). Frames without `fid_n` (metrics files of older versions) show their
 plain FID as they always did. Bold marks the best value of a column among the values the
 warnings do not call invalid (`rankable`).
+
+Cost is headed by the device the results record ("CPU s / image", "GPU s / image"), with its
+interval over diffusers calls and the calls' sizes ("batch"); † marks a configuration whose
+cost does not compare with the others' (evals/cost.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from evals.metrics_table import FID_INF_MIN_N, headline_fid
-from evals.report.format import fmt_ci, fmt_key, fmt_num, has_values, key_columns, numeric, sig_decimals
+from evals.report.format import device_kind, fmt_ci, fmt_key, fmt_num, has_values, key_columns, numeric, sig_decimals
 from evals.report.pareto import pareto_front
 
 # (column, header, ci_lo column, ci_hi column, spread column): the order of the metrics table.
@@ -42,12 +46,19 @@ _TABLE_COLUMNS = (
     ("attribute_accuracy", "attribute acc.", "attribute_accuracy_ci_lo", "attribute_accuracy_ci_hi", None),
     ("diversity", "diversity", None, None, None),
     ("vendi", "Vendi", None, None, None),
-    ("gen_seconds", "GPU s / image", None, None, None),
-    ("images_per_gpu_second", "images / GPU s", None, None, None),
+    ("gen_seconds", "{} s / image", "gen_seconds_ci_lo", "gen_seconds_ci_hi", None),  # {}: the device kind
+    ("images_per_gpu_second", "images / {} s", None, None, None),
+    ("batch_sizes", "batch", None, None, None),  # the sizes of the calls the images ran in
 )
 _INT_COLUMNS = {"n", "n_error"}
-_HTML_HEADERS = {"gen_seconds": "GPU s / img", "images_per_gpu_second": "img / GPU s",
+_TEXT_COLUMNS = {"batch_sizes"}
+_COST_COLUMNS = {"gen_seconds", "images_per_gpu_second"}  # marked † where the cost does not compare
+_HTML_HEADERS = {"gen_seconds": "{} s / img", "images_per_gpu_second": "img / {} s",
                  "attribute_accuracy": "attribute accuracy"}
+
+
+def _has_text(metrics: pd.DataFrame, col: str) -> bool:
+    return col in metrics.columns and (metrics[col].fillna("").astype(str) != "").any()
 
 
 def _table_columns(metrics: pd.DataFrame):
@@ -57,7 +68,11 @@ def _table_columns(metrics: pd.DataFrame):
     for col, name, lo, hi, spread in _TABLE_COLUMNS:
         if col == "fid" and "fid_n" in metrics.columns:
             name, lo, hi = _fid_at_n_header(metrics), None, None
-        if has_values(metrics, col):
+        name = name.format(device_kind(metrics)) if col in _COST_COLUMNS else name
+        if col in _TEXT_COLUMNS:
+            if _has_text(metrics, col):
+                specs.append((col, name, None, None, None))
+        elif has_values(metrics, col):
             if lo is not None and not has_values(metrics, lo):
                 lo = hi = None
             specs.append((col, name, lo, hi, spread if lo is None else None))
@@ -117,11 +132,24 @@ def _best(metrics: pd.DataFrame) -> dict:
     return best
 
 
+def _incomparable(row) -> bool:
+    """Whether the row's cost is flagged (evals/cost.py flag_comparable; cost_warnings says why)."""
+    v = row.get("cost_comparable")
+    return v is not None and not pd.isna(v) and not bool(v)
+
+
 def _cell(row, spec) -> str:
+    text = _value(row, spec)
+    return text + " †" if spec[0] in _COST_COLUMNS and text != "–" and _incomparable(row) else text
+
+
+def _value(row, spec) -> str:
     col, _, lo, hi, spread = spec
     v = row.get(col)
     if col in _INT_COLUMNS:
         return "–" if v is None or pd.isna(v) else str(int(v))
+    if col in _TEXT_COLUMNS:
+        return "–" if v is None or pd.isna(v) or str(v) == "" else str(v)
     if lo is not None:
         return fmt_ci(v, row.get(lo), row.get(hi))
     if spread is not None and spread in row.index and not pd.isna(row.get(spread)) and not pd.isna(v):
@@ -182,6 +210,9 @@ def measurement_lines(metrics: pd.DataFrame) -> list[str]:
     if fid:
         lines.append(fid)
     lines += _beyond_fid_lines(metrics)
+    cost = _cost_line(metrics)
+    if cost:
+        lines.append(cost)
     n_boot, level = _described(metrics, "n_boot"), _described(metrics, "ci_level")
     if n_boot is not None:
         level = f"{float(level):.0%}" if level is not None and "/" not in level else (level or "95%")
@@ -190,13 +221,22 @@ def measurement_lines(metrics: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _cost_line(metrics: pd.DataFrame) -> str | None:
+    """Where the cost was measured and what its interval is (None for frames without a device)."""
+    where = _parts(metrics, (("device", "{}"), ("dtype", "{}")))
+    if not where:
+        return None
+    return (f"cost: {where}; seconds per image = its share of its diffusers call's wall time, interval: "
+            "bootstrap over calls; batch: the sizes of those calls (†: cost not comparable, see the warnings)")
+
+
 def _fid_line(metrics: pd.DataFrame) -> str | None:
     """What the two FID columns are, when the frame has them (None for older metrics files)."""
     parts = []
     if has_values(metrics, "fid_inf"):
         boot = _described(metrics, "fid_inf_n_boot")
         parts.append("FID-infinity: FID on subsets of 6 sizes from n/2 to n, extrapolated linearly in 1/n to "
-                     f"n = infinity (Chong & Forsyth 2020), basic bootstrap interval"
+                     "n = infinity (Chong & Forsyth 2020), basic bootstrap interval"
                      + (f", n_boot = {boot}" if boot is not None else ""))
     if "fid_n" in metrics.columns and has_values(metrics, "fid"):
         subset = _fid_subset_n(metrics)
@@ -271,8 +311,9 @@ def metrics_table_html(metrics: pd.DataFrame, keys: list[str], ci_level: float) 
     constant = [k for k in keys if len(metrics) > 1 and metrics[k].nunique(dropna=False) == 1]
     keys = [k for k in keys if k not in constant]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    head += "".join(f'<th class="num">{html.escape(_HTML_HEADERS.get(s[0], s[1] + (" ± sd" if s[4] else "")))}</th>'
-                    for s in specs)
+    kind = device_kind(metrics)
+    head += "".join(f'<th class="num">{html.escape(_HTML_HEADERS.get(s[0], s[1] + (" ± sd" if s[4] else "")).format(kind))}'
+                    "</th>" for s in specs)
     if front is not None:
         head += '<th title="on the FID / CLIP score Pareto front">front</th>'
     rows = []
