@@ -26,7 +26,7 @@ from pipelines.validation import ManifestError, check_device, validate_manifest
 from tests.conftest import write_parquet
 
 CPU_SCHEMES = [n for n, s in SCHEMES.items() if "cpu" in s.devices]
-PROMPTS = ["a red circle on a blue background", "a small green square"]
+PROMPTS = ["a red circle on a blue background"]
 
 
 def decode(png: bytes) -> np.ndarray:
