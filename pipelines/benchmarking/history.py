@@ -19,8 +19,7 @@ HISTORY_KEY = BENCHMARK_KEY + [k for k in RUN_KEY if k not in BENCHMARK_KEY]
 
 # Key columns added after histories were first written, and the value older runs ran with.
 # For the speed options that is for the actor and Ray paths; plain diffusers has none (None).
-OLDER_RUN_VALUES = {"sweep": "single", "cache_interval": COLUMN["cache_interval"].default,
-                    "quant": COLUMN["quant"].default}
+OLDER_RUN_VALUES = {"sweep": "single", "cache_interval": COLUMN["cache_interval"].default}
 OLDER_SPEED_VALUES = {"batching": "config", "compile": "none", "channels_last": False, "fuse_qkv": False}
 
 NUMERIC = ["seconds", "warmup_s", "images_per_s", "s_per_image", "achieved_tflops", "mfu", "peak_mem_bytes",
