@@ -75,6 +75,8 @@ class Row:
     width: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
     cache_interval: int = column(pa.int64(), 1, lo=1, hi=MAX_STEPS, run_key=True, sweep="cache_intervals", example=(1, 3),
                                  doc="feature reuse: a full UNet call every N-th step (1 = off)")
+    quant: str = column(pa.string(), "none", run_key=True, sweep="quants", example=("none", "int8wo"),
+                        doc="weight quantization scheme (pipelines/registry/quant.py)")
 
     @classmethod
     def of(cls, record: Mapping) -> Row:
@@ -84,7 +86,7 @@ class Row:
                       for c in COLUMNS})
 
     def config(self) -> tuple:
-        """One diffusers call's configuration: the run key without the model."""
+        """One diffusers call's configuration: the run key without what picks the pipeline."""
         return tuple(getattr(self, k) for k in CONFIG_KEY)
 
 
@@ -96,9 +98,11 @@ COLUMN = {c.name: c for c in COLUMNS}
 MANIFEST_SCHEMA = pa.schema([(c.name, c.arrow) for c in COLUMNS])
 MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
 # Rows of one run key share one diffusers call. Sorted by it, the model and the image size
-# (which pick the pipeline and the batch size) come first.
-RUN_KEY = sorted((c.name for c in COLUMNS if c.run_key), key=lambda k: k not in ("model", "height", "width"))
-CONFIG_KEY = tuple(k for k in RUN_KEY if k != "model")
+# (which pick the pipeline and the batch size) come first, and the quantization (which
+# picks the pipeline too: one loaded copy per (model, quant)).
+PIPELINE_KEY = ("model", "quant")
+RUN_KEY = sorted((c.name for c in COLUMNS if c.run_key), key=lambda k: k not in ("model", "height", "width", "quant"))
+CONFIG_KEY = tuple(k for k in RUN_KEY if k not in PIPELINE_KEY)
 
 # The fields hashed into sample_id, in hash order. Frozen: changing it changes every id.
 # A pixel column added later is hashed only when it is not at its default, so the
@@ -120,6 +124,9 @@ RESULT_SCHEMA = pa.schema(
         ("diffusers_version", pa.string()),
         ("torch_version", pa.string()),
         ("model_digest", pa.string()),
+        ("quant_backend", pa.string()),  # null for quant 'none'
+        ("quant_scheme", pa.string()),  # the backend's config and the components it quantized
+        ("quant_version", pa.string()),  # the backend package's version
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )

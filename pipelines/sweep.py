@@ -24,6 +24,7 @@ from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry
 from pipelines.registry.schedulers import SCHEDULERS
 from pipelines.safe_yaml import describe, short_repr
+from pipelines.registry.quant import SCHEMES
 from pipelines.validation import order_by_run_key, validate_manifest
 
 # The keys of a sweep spec: the contract's swept columns, plus how prompts and seeds are given.
@@ -32,7 +33,7 @@ SPEC_KEYS = {c.sweep for c in COLUMNS if c.sweep and c.name != "seed"} | {
 DEFAULT_MAX_ROWS = 1_000_000
 MAX_PROBLEMS = 20
 _AXIS_NAMES = {"model": "models", "scheduler": "schedulers", "steps": "step counts", "guidance": "guidance scales",
-               "size": "sizes", "cache_interval": "cache intervals"}
+               "size": "sizes", "cache_interval": "cache intervals", "quant": "quantization schemes"}
 
 
 def _value_check(c: Column) -> tuple:
@@ -236,6 +237,9 @@ def _axes(values: _Values, registry: ModelRegistry) -> dict:
         if c.name == "height":
             axes["size"] = values.axis("sizes", True, size, f"sizes N or HxW (e.g. 512 or 512x768), each side in "
                                                             f"[{side.lo}, {side.hi}]")
+        elif c.name == "quant":
+            axes[c.name] = values.axis(c.sweep, True, lambda v: v if isinstance(v, str) and v in SCHEMES else None,
+                                       "quantization schemes (" + ", ".join(SCHEMES) + ")")
         elif c.sweep and c.name not in ("seed", "model", "scheduler", "width"):
             axes[c.name] = values.axis(c.sweep, c.kind == "string", *_value_check(c))
     return axes

@@ -17,6 +17,7 @@ from pipelines.contract import (COLUMN, FROM_MODEL, MANIFEST_COLUMNS, MANIFEST_S
                                 RUN_KEY, SEED_LIMIT, default_seed, sample_id)
 from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry
+from pipelines.registry.quant import scheme_problem
 from pipelines.registry.schedulers import check_scheduler, local_scheduler_config, max_steps, scheduler_names
 
 
@@ -102,6 +103,9 @@ def validate_manifest(
         else:
             values[c.name] = _numbers(c.name, given.get(c.name), defaults, out)
     _check_for_model(values, specs, out)
+    for i, q in enumerate(values["quant"]):
+        if scheme_problem(q):
+            out.add(i, "quant", q, scheme_problem(q))
     values["seed"] = _seeds(given.get("seed"), values["prompt"], out)
     if out.total:
         raise ManifestError(out.problems, out.total, source)
@@ -284,6 +288,18 @@ def _seeds(vals, prompts, out: _Collector) -> list:
                 out.add(i, "seed", v, "an integer in [0, 2**63)")
             seeds.append(v if 0 <= v < SEED_LIMIT else 0)
     return seeds
+
+
+def check_device(table: pa.Table, device: str, source: str = "manifest", max_problems: int = 20) -> None:
+    """Refuse rows whose `quant` scheme the job's device cannot run (e.g. nf4 on CPU actors).
+    Called once the device is known (Ray up, GPUs per actor decided), before any work starts."""
+    out = _Collector(max_problems)
+    for i, q in enumerate(table.column("quant").to_pylist()):
+        why = scheme_problem(q, device)
+        if why:
+            out.add(i, "quant", q, why)
+    if out.total:
+        raise ManifestError(out.problems, out.total, source)
 
 
 def order_by_run_key(table: pa.Table) -> pa.Table:

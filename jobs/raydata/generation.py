@@ -24,8 +24,9 @@ from pipelines.errors import innermost_cause
 from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE
 from pipelines.generation.plan import Plan
 from pipelines.generation.speed import SpeedOptions
-from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, GenerateActor, encode_pngs
+from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, LOAD_COLUMNS, GenerateActor, encode_pngs
 from pipelines.storage.lease import LeaseLostError
+from pipelines.validation import check_device
 
 
 @dataclass
@@ -53,6 +54,7 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     gpus = int(ray.cluster_resources().get("GPU", 0))
     num_gpus = o.num_gpus if o.num_gpus is not None else (1.0 if gpus else 0.0)
     check_schedulable(ray, num_gpus=num_gpus, num_cpus=o.cpus_per_actor)
+    check_device(p.manifest, "cuda" if num_gpus else "cpu", source=f"manifest {record['manifest']}")  # e.g. nf4 on CPU actors
     p.store.write_run(record)
     pool = o.pool_size or (max(1, int(gpus // num_gpus)) if num_gpus else 1)
     this_run.update(pool_size=pool, num_gpus_per_actor=num_gpus, ray_version=ray.__version__)
@@ -74,7 +76,7 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     restarts = _actor_restarts()
     counts = commit.counts
     this_run.update(finished_at=now(), ok=counts["ok"], error=counts["error"], shards=commit.seq,
-                    prompts_truncated=counts["truncated"], actor_restarts=restarts)
+                    prompts_truncated=counts["truncated"], actor_restarts=restarts, loads=commit.load_records())
     p.store.write_run(record)
     print(f"done: {counts['ok']} ok, {counts['error']} error, {p.n_done} already in {out} (skipped)"
           + (f", {restarts} actor restart(s) (their batches were retried)" if restarts else "")
@@ -124,6 +126,8 @@ class _Committer:
         self.written: set[str] = set()  # a row reaches the output once, even if Ray hands it over twice
         self.pending: list[pa.Table] = []
         self.seq, self.last_flush = 0, time.monotonic()
+        self.loads: dict = {}  # (worker, model, quant) -> load_seconds, peak_mem_bytes, weights_bytes
+        self.pipeline_of = [p.manifest.column(c).to_pylist() for c in ("model", "quant")]
         from tqdm import tqdm
 
         self.progress = tqdm(total=p.todo.num_rows, unit="img", desc="generate", disable=not progress,
@@ -132,6 +136,11 @@ class _Committer:
     def add(self, batch) -> None:
         batch = batch[~batch["sample_id"].isin(self.written)]
         self.written.update(batch["sample_id"])
+        if "load_seconds" in batch:  # error rows have none
+            for r in batch[batch["load_seconds"].notna()].itertuples():
+                i = self.position[r.sample_id]
+                key = (r.worker, self.pipeline_of[0][i], self.pipeline_of[1][i])
+                self.loads.setdefault(key, {c: getattr(r, c) for c in LOAD_COLUMNS})
         self.pending.append(self.p.result_table(batch, self.position))
         for status in batch["status"]:
             self.counts[status] = self.counts.get(status, 0) + 1
@@ -141,6 +150,12 @@ class _Committer:
         if (sum(t.num_rows for t in self.pending) >= self.shard_rows
                 or time.monotonic() - self.last_flush > self.flush_seconds):
             self.flush()
+
+    def load_records(self) -> list[dict]:
+        """Per worker and (model, quant): load time (s), the process's peak memory during load and
+        warm-up (bytes; resident set on CPU, allocated on a GPU) and the pipeline's weight bytes."""
+        return [{"worker": w, "model": m, "quant": q, **{k: None if v != v else float(v) for k, v in stats.items()}}
+                for (w, m, q), stats in sorted(self.loads.items())]
 
     def flush(self) -> None:
         if self.pending:
@@ -168,7 +183,7 @@ def _stopped(e: BaseException, ray, p: Plan, o: RunOptions, commit: _Committer, 
                   f"{o.schedule_timeout:g} s (each needs {num_gpus:g} GPU, {o.cpus_per_actor:g} CPU; cluster: "
                   + ", ".join(f"{k} {total.get(k, 0):g}" for k in ("CPU", "GPU")) + ")")
     this_run.update(failed_at=now(), ok=commit.counts["ok"], error=commit.counts["error"], shards=commit.seq,
-                    failure=reason)
+                    failure=reason, loads=commit.load_records())
     if lost:  # the directory is another run's now: write nothing more there
         print(f"error: generation stopped: {reason}; this run's {commit.seq} committed shard(s) stay", file=sys.stderr)
         return 1

@@ -51,7 +51,7 @@ def caption_rows(model: LoadedModel, captions, seed: int, steps: int, guidance: 
         fields = dict(prompt=caption, negative_prompt="", seed=seed + i, model=model.spec.name,
                       scheduler=scheduler or model.spec.scheduler, steps=steps, guidance=guidance,
                       height=model.spec.height, width=model.spec.width)
-        rows.append(Row(sample_id=sample_id(fields), cache_interval=1, **fields))
+        rows.append(Row.of(dict(sample_id=sample_id(fields), **fields)))
     return rows
 
 

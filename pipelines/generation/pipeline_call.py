@@ -67,9 +67,9 @@ def feature_reuse(pipe, cache_interval: int):
 
 def probe_row(spec, height: int, width: int, seed: int = 0) -> Row:
     """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with CFG."""
-    return Row(sample_id=f"probe-{seed}", prompt="probe", negative_prompt="", seed=seed, model=spec.name,
-               scheduler=spec.scheduler, steps=2, guidance=max(spec.guidance, 2.0), height=height, width=width,
-               cache_interval=1)
+    return Row.of(dict(sample_id=f"probe-{seed}", prompt="probe", negative_prompt="", seed=seed, model=spec.name,
+                       scheduler=spec.scheduler, steps=2, guidance=max(spec.guidance, 2.0), height=height,
+                       width=width))  # the columns with a constant default (cache_interval, quant) at it
 
 
 def measure_peaks(model: LoadedModel, height: int, width: int) -> tuple[int, int, int]:

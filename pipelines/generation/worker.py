@@ -1,9 +1,9 @@
 """The generation worker: manifest rows in, result rows (raw pixels plus provenance) out.
 
 Ray Data runs one per actor (jobs/raydata/generation.py); the benchmark calls one in
-process. It holds loaded pipelines in a small LRU cache, so an actor loads a model once
-and reuses it across schedulers, steps and guidance; a model that cannot load here turns
-its rows into error rows instead of killing the actor. Nothing here imports ray: where the
+process. It holds loaded pipelines in a small LRU cache keyed by (model, quant), so an actor loads
+each (model, quantization scheme) once and reuses it across schedulers, steps and guidance;
+a model that cannot load here turns its rows into error rows instead of killing the actor. Nothing here imports ray: where the
 batch attempts are counted across actor restarts is passed in (`attempts`).
 """
 
@@ -27,6 +27,9 @@ from pipelines.generation.batch_size import BatchSizes
 from pipelines.generation.speed import SpeedOptions, apply_speed_options
 
 CALL_ROWS_CONTINUOUS = 4  # rows per worker call = this x --batch-size with --batching continuous
+# Per-row columns the driver reads into _run.json (per worker and (model, quant)) and does not store.
+LOAD_COLUMNS = ("load_seconds", "peak_mem_bytes", "weights_bytes")
+NO_QUANT = {"quant_backend": None, "quant_scheme": None, "quant_version": None}
 
 
 class GenerateActor:
@@ -42,13 +45,13 @@ class GenerateActor:
         self.specs, self.dtype, self.batch_size, self.cache_size = specs, dtype, batch_size, cache_size
         self.batching = batching
         self.speed = SpeedOptions(**(speed or {}))
-        self.text_caches: dict = {}  # model name -> prompt embeddings (continuous batching)
-        self.batch_sizes: dict = {}  # model name -> BatchSizes (None: fitted to free memory)
+        self.text_caches: dict = {}  # (model, quant) -> prompt embeddings (continuous batching)
+        self.batch_sizes: dict = {}  # (model, quant) -> BatchSizes (None: fitted to free memory)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.models: OrderedDict = OrderedDict()
-        self.load_failures: dict[str, str] = {}  # model name -> why it cannot load here (its rows become errors)
+        self.load_failures: dict[tuple, str] = {}  # (model, quant) -> why it cannot load here (rows become errors)
         self.attempts, self.max_attempts = attempts, max_attempts
         import diffusers
         from diffusers.utils import logging as diffusers_logging
@@ -58,9 +61,11 @@ class GenerateActor:
         transformers_logging.disable_progress_bar()
         self.versions = {"diffusers_version": diffusers.__version__, "torch_version": torch.__version__}
 
-    def _model(self, name: str):
+    def _model(self, name: tuple):
+        from pipelines.benchmarking.memory import PeakMemory
         from pipelines.generation.grouped import warm_up
         from pipelines.registry.models import load_model
+        from pipelines.registry.quant import weights_bytes
 
         if name in self.models:
             self.models.move_to_end(name)
@@ -69,9 +74,13 @@ class GenerateActor:
             evicted, _ = self.models.popitem(last=False)
             self.text_caches.pop(evicted, None)
             self.batch_sizes.pop(evicted, None)
-        model = load_model(self.specs[name], self.device, self.dtype)
-        apply_speed_options(model.pipe, self.speed)
-        warm_up(model)  # also pays torch.compile, if on
+        with PeakMemory(self.device) as peak:  # this process's peak: resident set on CPU, allocated on a GPU
+            model = load_model(self.specs[name[0]], self.device, self.dtype, quant=name[1])
+            apply_speed_options(model.pipe, self.speed)
+            warm_up(model)  # also pays torch.compile, if on
+        weights = sum(weights_bytes(c) for c in model.pipe.components.values() if hasattr(c, "parameters"))
+        model.extras["load"] = {"load_seconds": model.load_seconds, "peak_mem_bytes": peak.peak,
+                                "weights_bytes": weights}
         self.models[name] = model
         self.batch_sizes[name] = BatchSizes(model, self.batch_size)
         return model
@@ -93,16 +102,17 @@ class GenerateActor:
     def _failed_rows(self, part: pd.DataFrame, message: str) -> list[dict]:
         now = dt.datetime.now(dt.timezone.utc)
         return [self._row(now, sample_id=sid, pixels=None, status="error", error=message, prompt_truncated=False,
-                          gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None)
+                          gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None, **NO_QUANT)
                 for sid in part["sample_id"]]
 
-    def _model_rows(self, name: str, part: pd.DataFrame) -> list[dict]:
-        """The result rows of one model's part of a batch; error rows if the model cannot load here."""
+    def _model_rows(self, name: tuple, part: pd.DataFrame) -> list[dict]:
+        """The result rows of one (model, quant)'s part of a batch; error rows if it cannot load here."""
+        what = f"model {name[0]!r}" + (f" with quant {name[1]!r}" if name[1] != "none" else "")
         if name not in self.load_failures:
             try:
                 model = self._model(name)
             except Exception as e:  # noqa: BLE001 - a model that cannot load here: its rows end as error rows
-                self.load_failures[name] = (f"model {name!r} could not be loaded (or its warm-up call failed) on "
+                self.load_failures[name] = (f"{what} could not be loaded (or its warm-up call failed) on "
                                             f"{self.worker}: {innermost_cause(e)}")
         if name in self.load_failures:
             return self._failed_rows(part, self.load_failures[name])
@@ -111,11 +121,11 @@ class GenerateActor:
         try:  # rows that fail are error results already; this catches a failure of the model's whole part
             results = self._generate(name, model, rows)
         except Exception as e:  # noqa: BLE001 - one model's failure never takes the other models' rows down
-            return self._failed_rows(part, f"model {name!r} failed on {self.worker}: {innermost_cause(e)}")
+            return self._failed_rows(part, f"{what} failed on {self.worker}: {innermost_cause(e)}")
         return [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
                           status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
                           gen_seconds=res.gen_seconds, batch_size=res.batch_size, dtype=model.dtype,
-                          model_digest=model.digest)
+                          model_digest=model.digest, **model.quant_record, **model.extras["load"])
                 for res in results]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -126,7 +136,10 @@ class GenerateActor:
                                            f"row(s) (killed, out of host memory, or crashed); --max-retries "
                                            f"{self.max_attempts - 1} exhausted")
         else:
-            out = [row for name, part in batch.groupby("model", sort=False) for row in self._model_rows(name, part)]
+            if "quant" not in batch:  # a batch of rows written before the column existed
+                batch = batch.assign(quant="none")
+            out = [row for key, part in batch.groupby(["model", "quant"], sort=False)
+                   for row in self._model_rows(key, part)]
         sizes = batch.set_index("sample_id")[["height", "width"]]
         return pd.DataFrame(out).join(sizes, on="sample_id")
 

@@ -41,6 +41,7 @@ class ModelSpec:
     gpu_dtype: str = "float16"  # half precision that is safe for this model on a GPU
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     revision: str | None = None
+    quantize_text_encoders: bool = False  # a `quant` scheme also quantizes the text encoders (else the denoiser only)
 
     def defaults(self) -> dict:
         return {
@@ -136,6 +137,7 @@ _FIELD_TYPES: dict[str, tuple] = {
                   "float16, bfloat16 or float32"),
     "variant": (lambda v: v is None or _text(v), "a weight variant name (e.g. fp16) or null"),
     "revision": (lambda v: v is None or _text(v), "a hub revision (branch, tag or commit) or null"),
+    "quantize_text_encoders": (lambda v: isinstance(v, bool), "true or false"),
 }
 assert set(_FIELD_TYPES) == _SPEC_FIELDS - {"name"}
 _ALLOWED_KEYS = ["base", *_FIELD_TYPES]
@@ -240,6 +242,8 @@ class LoadedModel:
     dtype: str
     load_seconds: float = 0.0
     extras: dict = field(default_factory=dict)
+    quant: str = "none"
+    quant_record: dict = field(default_factory=dict)  # quant_backend, quant_scheme, quant_version
 
 
 def resolve_dtype(spec: ModelSpec, device: str, requested: str = "auto") -> str:
@@ -406,9 +410,12 @@ def _check_components(spec: ModelSpec, local: Path, index: dict) -> None:
                                  "config.json but no *.safetensors weights (diffsweep loads safetensors only)")
 
 
-def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
-    """Load `spec`'s pipeline onto `device`. Safetensors only, never remote code."""
+def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto", quant: str = "none") -> LoadedModel:
+    """Load `spec`'s pipeline onto `device`, its weights quantized with scheme `quant`
+    (pipelines/registry/quant.py). Safetensors only, never remote code."""
     import torch
+
+    from pipelines.registry import quant as q
 
     t0 = time.perf_counter()
     dtype = resolve_dtype(spec, device, dtype)
@@ -420,8 +427,11 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto") -> Loa
         if torch_dtype != torch.float32:
             pipe = pipe.to(dtype=torch_dtype)
         digest = _module_digest(pipe)
+        components = q.components_of(pipe.components, spec.quantize_text_encoders)
+        q.quantize_built(pipe, quant, components)
     else:
-        pipe, digest = _from_pretrained(spec, torch_dtype)
+        components = q.components_of(_component_names(spec), spec.quantize_text_encoders)
+        pipe, digest = _from_pretrained(spec, torch_dtype, q.pipeline_config(quant, components, torch_dtype))
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:
@@ -434,7 +444,23 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto") -> Loa
         device=device,
         dtype=dtype,
         load_seconds=time.perf_counter() - t0,
+        quant=quant,
+        quant_record=q.record(quant, [c for c in components if getattr(pipe, c, None) is not None]),
     )
+
+
+def _component_names(spec: ModelSpec) -> list[str]:
+    """The pipeline's component names, before loading: a local model_index.json's, else the
+    pipeline class's signature (hub models)."""
+    index = Path(spec.source).expanduser() / "model_index.json"
+    if index.is_file():
+        return [k for k in _read_json(spec, index) if not k.startswith("_")]
+    import inspect
+
+    from pipelines.registry.quant import DENOISERS, TEXT_ENCODERS
+
+    names = list(inspect.signature(_pipeline_class(spec).__init__).parameters)
+    return names if set(names) & set(DENOISERS) else list(DENOISERS + TEXT_ENCODERS)  # auto: whichever it has
 
 
 def _dtype_kwarg() -> str:
@@ -445,7 +471,7 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
 
 
-def _from_pretrained(spec: ModelSpec, torch_dtype):
+def _from_pretrained(spec: ModelSpec, torch_dtype, quantization_config=None):
     check_available(spec)  # unknown pipeline class, missing/damaged directory, pickled weights, offline cache miss
     cls = _pipeline_class(spec)
     local = Path(spec.source).expanduser()
@@ -456,6 +482,8 @@ def _from_pretrained(spec: ModelSpec, torch_dtype):
         kwargs["variant"] = spec.variant
     if spec.revision:
         kwargs["revision"] = spec.revision
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if "safety_checker" in getattr(cls, "_optional_components", []) or spec.pipeline == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
