@@ -52,7 +52,8 @@ class Column:
 
 def column(arrow: pa.DataType, default: Any = None, **meta) -> dataclasses.Field:
     """A `Row` field that carries its column description (filled in with its name below)."""
-    return dataclasses.field(metadata={"column": (arrow, default, meta)})
+    constant = {} if default in (None, FROM_MODEL) else {"default": default}  # Row(...) may leave it out
+    return dataclasses.field(metadata={"column": (arrow, default, meta)}, **constant)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +76,10 @@ class Row:
     width: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
     cache_interval: int = column(pa.int64(), 1, lo=1, hi=MAX_STEPS, run_key=True, sweep="cache_intervals", example=(1, 3),
                                  doc="feature reuse: a full UNet call every N-th step (1 = off)")
+    lora: str = column(pa.string(), "", run_key=True, sweep="loras", example=("none", "black_background"),
+                       doc="registered adapter name(s), '+'-joined when stacked; '' = none (pipelines/registry/loras.py)")
+    lora_scale: float = column(pa.float64(), 1.0, lo=-10, hi=10, run_key=True, sweep="lora_scales",
+                               example=(0.5, 1.0), doc="strength of every adapter of the row")
 
     @classmethod
     def of(cls, record: Mapping) -> Row:
@@ -120,6 +125,7 @@ RESULT_SCHEMA = pa.schema(
         ("diffusers_version", pa.string()),
         ("torch_version", pa.string()),
         ("model_digest", pa.string()),
+        ("lora_digest", pa.string()),  # sha256 of each adapter file ('+'-joined, as in 'lora'); null: no adapter
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
