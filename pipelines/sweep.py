@@ -32,7 +32,8 @@ SPEC_KEYS = {c.sweep for c in COLUMNS if c.sweep and c.name != "seed"} | {
 DEFAULT_MAX_ROWS = 1_000_000
 MAX_PROBLEMS = 20
 _AXIS_NAMES = {"model": "models", "scheduler": "schedulers", "steps": "step counts", "guidance": "guidance scales",
-               "size": "sizes", "cache_interval": "cache intervals"}
+               "size": "sizes", "cache_interval": "cache intervals",
+               "lora": "adapters", "lora_scale": "adapter scales"}
 
 
 def _value_check(c: Column) -> tuple:
@@ -236,6 +237,11 @@ def _axes(values: _Values, registry: ModelRegistry) -> dict:
         if c.name == "height":
             axes["size"] = values.axis("sizes", True, size, f"sizes N or HxW (e.g. 512 or 512x768), each side in "
                                                             f"[{side.lo}, {side.hi}]")
+        elif c.name == "lora":  # adapter names from the registry only ('none': no adapter; 'a+b': stacked)
+            names = lambda v: [i.partition("@")[0] for i in v.split("+")] if isinstance(v, str) else [None]  # noqa: E731
+            axes["lora"] = values.axis("loras", True, lambda v: v if v == "none" or all(
+                n in registry.loras for n in names(v)) else None, "registered adapter names (none, "
+                + ", ".join(sorted(registry.loras)) + "; 'a+b' stacks adapters)")
         elif c.sweep and c.name not in ("seed", "model", "scheduler", "width"):
             axes[c.name] = values.axis(c.sweep, c.kind == "string", *_value_check(c))
     return axes

@@ -156,3 +156,17 @@ def test_bad_loras_section_is_refused_in_one_line(tmp_path, entry, message):
     with pytest.raises(LoraConfigError, match="adapter 'bg'") as e:
         ModelRegistry.with_user_file(models)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_make_manifest_sweeps_loras_and_scales_from_flags(tmp_path, capsys):
+    from jobs import make_manifest
+
+    out = tmp_path / "m.parquet"
+    assert make_manifest.main(["--prompt", "a red circle on a white background", "--loras", "none,black_background",
+                               "--lora-scales", "0,0.5,1", "--steps", "2", "--out", str(out)]) == 0
+    m = pd.read_parquet(out)
+    assert sorted(zip(m.lora, m.lora_scale)) == sorted((lo, s) for lo in ("", "black_background") for s in (0, .5, 1))
+    assert "2 adapters x 3 adapter scales" in capsys.readouterr().err
+    assert make_manifest.main(["--prompt", "a", "--loras", "../evil.safetensors", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--loras" in err and "registered adapter names" in err, err
