@@ -40,6 +40,7 @@ FLAGS = {
     "prompts": "--prompts", "negative_prompt": "--negative-prompt", "models": "--models", "schedulers": "--schedulers",
     "steps": "--steps", "guidance": "--guidance", "sizes": "--sizes", "cache_intervals": "--cache-intervals",
     "quants": "--quants",
+    "loras": "--loras", "lora_scales": "--lora-scales",
     "seeds_per_prompt": "--seeds-per-prompt", "seed": "--seed",
 }
 
@@ -82,6 +83,9 @@ def parse_args(argv=None):
                                              "deep features are recomputed every N-th step and reused in between")
     p.add_argument("--quants", help="comma-separated weight quantization schemes (none, the default; int8wo, int8, "
                                     "intx4wo, fp8wo on CPU and GPU; int4wo, fp8, nf4 on a GPU)")
+    p.add_argument("--loras", help="comma-separated adapter names from the registry's loras: section "
+                                   "(none = no adapter; a+b stacks two)")
+    p.add_argument("--lora-scales", help="comma-separated adapter strengths, e.g. 0,0.5,1")
     p.add_argument("--seeds-per-prompt", default=None, help="seeds 0..N-1 (plus --seed) for every prompt (default 1)")
     p.add_argument("--seed", default=None, help="first seed (default 0)")
     p.add_argument("--max-rows", type=at_least(1, int), default=DEFAULT_MAX_ROWS,
@@ -118,7 +122,10 @@ def spec_from_args(args) -> tuple[dict, dict]:
         put("cache_intervals", _flag_values(args.cache_intervals, "--cache-intervals", int, integers, bad))
     if args.guidance is not None:
         put("guidance", _flag_values(args.guidance, "--guidance", float, "comma-separated numbers, e.g. 1,7.5", bad))
-    for key in ("models", "schedulers", "sizes", "quants"):
+    if args.lora_scales is not None:
+        put("lora_scales", _flag_values(args.lora_scales, "--lora-scales", float, "comma-separated numbers, e.g. 0,1",
+                                        bad))
+    for key in ("models", "schedulers", "sizes", "quants", "loras"):
         if getattr(args, key) is not None:
             put(key, [v.strip() for v in getattr(args, key).split(",") if v.strip()])
     if args.seeds_per_prompt is not None:

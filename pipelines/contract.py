@@ -52,7 +52,8 @@ class Column:
 
 def column(arrow: pa.DataType, default: Any = None, **meta) -> dataclasses.Field:
     """A `Row` field that carries its column description (filled in with its name below)."""
-    return dataclasses.field(metadata={"column": (arrow, default, meta)})
+    constant = {} if default in (None, FROM_MODEL) else {"default": default}  # Row(...) may leave it out
+    return dataclasses.field(metadata={"column": (arrow, default, meta)}, **constant)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,10 @@ class Row:
                                  doc="feature reuse: a full UNet call every N-th step (1 = off)")
     quant: str = column(pa.string(), "none", run_key=True, sweep="quants", example=("none", "int8wo"),
                         doc="weight quantization scheme (pipelines/registry/quant.py)")
+    lora: str = column(pa.string(), "", run_key=True, sweep="loras", example=("none", "black_background"),
+                       doc="registered adapter name(s), '+'-joined when stacked; '' = none (pipelines/registry/loras.py)")
+    lora_scale: float = column(pa.float64(), 1.0, lo=-10, hi=10, run_key=True, sweep="lora_scales",
+                               example=(0.5, 1.0), doc="strength of every adapter of the row")
 
     @classmethod
     def of(cls, record: Mapping) -> Row:
@@ -127,6 +132,7 @@ RESULT_SCHEMA = pa.schema(
         ("quant_backend", pa.string()),  # null for quant 'none'
         ("quant_scheme", pa.string()),  # the backend's config and the components it quantized
         ("quant_version", pa.string()),  # the backend package's version
+        ("lora_digest", pa.string()),  # sha256 of each adapter file ('+'-joined, as in 'lora'); null: no adapter
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )

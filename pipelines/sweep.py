@@ -33,7 +33,8 @@ SPEC_KEYS = {c.sweep for c in COLUMNS if c.sweep and c.name != "seed"} | {
 DEFAULT_MAX_ROWS = 1_000_000
 MAX_PROBLEMS = 20
 _AXIS_NAMES = {"model": "models", "scheduler": "schedulers", "steps": "step counts", "guidance": "guidance scales",
-               "size": "sizes", "cache_interval": "cache intervals", "quant": "quantization schemes"}
+               "size": "sizes", "cache_interval": "cache intervals", "quant": "quantization schemes",
+               "lora": "adapters", "lora_scale": "adapter scales"}
 
 
 def _value_check(c: Column) -> tuple:
@@ -240,6 +241,11 @@ def _axes(values: _Values, registry: ModelRegistry) -> dict:
         elif c.name == "quant":
             axes[c.name] = values.axis(c.sweep, True, lambda v: v if isinstance(v, str) and v in SCHEMES else None,
                                        "quantization schemes (" + ", ".join(SCHEMES) + ")")
+        elif c.name == "lora":  # adapter names from the registry only ('none': no adapter; 'a+b': stacked)
+            names = lambda v: [i.partition("@")[0] for i in v.split("+")] if isinstance(v, str) else [None]  # noqa: E731
+            axes["lora"] = values.axis("loras", True, lambda v: v if v == "none" or all(
+                n in registry.loras for n in names(v)) else None, "registered adapter names (none, "
+                + ", ".join(sorted(registry.loras)) + "; 'a+b' stacks adapters)")
         elif c.sweep and c.name not in ("seed", "model", "scheduler", "width"):
             axes[c.name] = values.axis(c.sweep, c.kind == "string", *_value_check(c))
     return axes

@@ -93,7 +93,7 @@ def validate_manifest(
     specs = {m: registry.get(m) for m in set(models) if m in registry}
     values["model"] = models
     for c in COLUMN.values():  # every other column: its default (constant or the model's), then its range
-        if c.name in values or c.name in ("sample_id", "seed"):
+        if c.name in values or c.name in ("sample_id", "seed", "lora", "lora_scale"):
             continue
         defaults = ([getattr(specs[m], c.name) if m in specs else None for m in models] if c.default is FROM_MODEL
                     else [c.default] * n)
@@ -106,6 +106,8 @@ def validate_manifest(
     for i, q in enumerate(values["quant"]):
         if scheme_problem(q):
             out.add(i, "quant", q, scheme_problem(q))
+    values["lora"], values["lora_scale"] = _loras(given.get("lora"), given.get("lora_scale"), models, specs,
+                                                  registry, out)
     values["seed"] = _seeds(given.get("seed"), values["prompt"], out)
     if out.total:
         raise ManifestError(out.problems, out.total, source)
@@ -145,6 +147,8 @@ def _check_columns(table: pa.Table, registry: ModelRegistry, default_model: str,
             ok = pa.types.is_null(t) or any(check(t) for check in _KIND_CHECKS[c.kind])
             if c.name in ("prompt", "negative_prompt") and (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
                 ok = True  # decoded row by row, so bad UTF-8 is named by row
+            if c.name in ("lora", "lora_scale") and (pa.types.is_list(t) or pa.types.is_large_list(t)):
+                ok = any(check(t.value_type) for check in _KIND_CHECKS[c.kind])  # stacked adapters, one per item
             if not ok:
                 first = table.column(c.name).slice(0, 1).to_pylist()[0]
                 problems.append(Problem(None, c.name, f"{t} column (row 0: {first!r})", f"{c.kind} values ({c.arrow})"))
@@ -186,6 +190,31 @@ def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
         if v is not None and v > 1 and m in specs and specs[m].family == "flow":
             out.add(i, "cache_interval", v, f"1 for model {m!r}: feature reuse (cache_interval > 1) needs a UNet model, "
                                             f"and {m!r} is a flow-matching transformer")
+
+
+def _loras(names, scales, models, specs, registry: ModelRegistry, out: _Collector) -> tuple[list, list]:
+    """The canonical (lora, lora_scale) of each row (pipelines/registry/loras.py): each adapter
+    registered (never a path) and trained for the row's model, each scale a finite number."""
+    from pipelines.registry.loras import adapters, canonical
+
+    n = len(models)
+    names, scales = names or [None] * n, scales or [None] * n
+    loras, out_scales = [], []
+    for i, (lora, scale, m) in enumerate(zip(names, scales, models)):
+        lora_c, scale_c, why = canonical(lora, scale)
+        if why:
+            col, why = why.split("|", 1)
+            out.add(i, col, lora if col == "lora" else scale, why.split("; expected ", 1)[-1])
+        for name, _ in adapters(lora_c, scale_c):
+            if name not in registry.loras:
+                out.add(i, "lora", name, f"a registered adapter: {', '.join(sorted(registry.loras)) or '(none)'} "
+                                         "(the loras: section of --models)")
+            elif m in specs and not registry.loras[name].fits_model(specs[m]):
+                out.add(i, "lora", name, f"an adapter that fits model {m!r}; {name!r} fits "
+                                         f"{', '.join(registry.loras[name].fits)}")
+        loras.append(lora_c)
+        out_scales.append(scale_c)
+    return loras, out_scales
 
 
 # pipeline class -> {scheduler: why that pipeline cannot drive it} (measured with diffusers 0.42)

@@ -17,8 +17,8 @@ import pyarrow as pa
 from pipelines.contract import COLUMNS, MANIFEST_SCHEMA, RUN_KEY, Row, sample_id
 
 ROOT = Path(__file__).resolve().parents[1]
-NEW_FIELD = ('    lora_scale: float = column(pa.float64(), 0.0, lo=0, hi=2, run_key=True, sweep="lora_scales",\n'
-             '                               example=(0.5, 1.0), doc="adapter strength")\n')
+NEW_FIELD = ('    strength: float = column(pa.float64(), 0.0, lo=0, hi=2, run_key=True, sweep="strengths",\n'
+             '                               example=(0.5, 1.0), doc="a new knob")\n')
 
 
 def test_the_schema_and_keys_come_from_the_row_fields():
@@ -48,28 +48,28 @@ from pipelines.sweep import SPEC_KEYS, build_manifest
 from pipelines.validation import ManifestError, validate_manifest
 
 reg = ModelRegistry()
-assert MANIFEST_SCHEMA.field("lora_scale").type == pa.float64() and "lora_scale" in RUN_KEY
-t = validate_manifest(pa.table({"prompt": ["a", "a", "b"], "seed": [1, 1, 2], "lora_scale": [None, 0.5, 1.0]}), reg)
-assert t.column("lora_scale").to_pylist() == [0.0, 0.5, 1.0], t.column("lora_scale")
+assert MANIFEST_SCHEMA.field("strength").type == pa.float64() and "strength" in RUN_KEY
+t = validate_manifest(pa.table({"prompt": ["a", "a", "b"], "seed": [1, 1, 2], "strength": [None, 0.5, 1.0]}), reg)
+assert t.column("strength").to_pylist() == [0.0, 0.5, 1.0], t.column("strength")
 ids = t.column("sample_id").to_pylist()
 assert len(set(ids)) == 3  # the same prompt and seed at another scale is another image
 row = Row.of(t.slice(1, 1).to_pylist()[0])
-assert row.lora_scale == 0.5 and 0.5 in row.config()
-plain = {k: v for k, v in t.slice(0, 1).to_pylist()[0].items() if k not in ("sample_id", "lora_scale")}
+assert row.strength == 0.5 and 0.5 in row.config()
+plain = {k: v for k, v in t.slice(0, 1).to_pylist()[0].items() if k not in ("sample_id", "strength")}
 assert ids[0] == sample_id(plain)  # at its default the new column leaves the old id
 try:
-    validate_manifest(pa.table({"prompt": ["a", "b"], "lora_scale": [1.0, 5.0]}), reg)
-    raise AssertionError("lora_scale 5.0 accepted")
+    validate_manifest(pa.table({"prompt": ["a", "b"], "strength": [1.0, 5.0]}), reg)
+    raise AssertionError("strength 5.0 accepted")
 except ManifestError as e:
-    assert "row 1, column 'lora_scale': got 5.0" in str(e), e
-assert "lora_scales" in SPEC_KEYS
-m = build_manifest({"prompts": ["a red circle"], "lora_scales": [0.5, 1.0], "steps": [2]}, reg)
-assert sorted(m.column("lora_scale").to_pylist()) == [0.5, 1.0]
+    assert "row 1, column 'strength': got 5.0" in str(e), e
+assert "strengths" in SPEC_KEYS
+m = build_manifest({"prompts": ["a red circle"], "strengths": [0.5, 1.0], "steps": [2]}, reg)
+assert sorted(m.column("strength").to_pylist()) == [0.5, 1.0]
 try:
-    build_manifest({"prompts": ["a"], "lora_scales": [3]}, reg)
-    raise AssertionError("lora_scales [3] accepted")
+    build_manifest({"prompts": ["a"], "strengths": [3]}, reg)
+    raise AssertionError("strengths [3] accepted")
 except Exception as e:
-    assert "'lora_scales'" in str(e) and "e.g. [0.5, 1.0]" in str(e), e
+    assert "'strengths'" in str(e) and "e.g. [0.5, 1.0]" in str(e), e
 print("ok")
 '''
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
@@ -79,5 +79,5 @@ print("ok")
 def test_rows_are_typed_records_with_defaults_for_columns_added_later():
     r = Row.of(dict(sample_id="x", model="embedded", prompt="a", negative_prompt="", seed=3, scheduler="ddim",
                     steps=4, guidance=2.0, height=64, width=64, my_column="kept elsewhere"))
-    assert r.cache_interval == 1 and r.config() == (64, 64, "ddim", 4, 2.0, 1)
+    assert r.cache_interval == 1 and r.lora == "" and r.config() == (64, 64, "ddim", 4, 2.0, 1, "", 1.0)
     assert isinstance(pa.scalar(r.seed, MANIFEST_SCHEMA.field("seed").type).as_py(), int)

@@ -103,7 +103,7 @@ def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_n
         .map_batches(
             GenerateActor,
             fn_constructor_kwargs=dict(specs=specs, dtype=o.dtype, batch_size=actor_batch, torch_threads=threads,
-                                       batching=o.batching, speed=o.speed.as_dict(),
+                                       batching=o.batching, speed=o.speed.as_dict(), loras=p.registry.loras,
                                        attempts=AttemptCounter(attempts_name), max_attempts=o.max_retries + 1),
             batch_size=call_rows,
             batch_format="pandas",

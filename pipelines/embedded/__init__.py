@@ -5,3 +5,4 @@ from pathlib import Path
 
 MODEL_DIR = Path(__file__).parent / "model"
 CLIP_DIR = Path(__file__).parent / "clip"
+LORA_DIR = Path(__file__).parent / "loras"  # adapters for the embedded model (docs/lora.md)

@@ -25,7 +25,9 @@ from pipelines.seeding import row_generators
 
 def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
     """One diffusers call for rows that share a configuration (`Row.config()`)."""
-    height, width, scheduler, steps, guidance, cache_interval = rows[0].config()
+    first = rows[0]
+    height, width, scheduler, steps, guidance = first.height, first.width, first.scheduler, first.steps, first.guidance
+    cache_interval = first.cache_interval
     pipe = model.pipe
     seeds = [int(r.seed) for r in rows]
     pipe.scheduler = make_scheduler(scheduler, model.scheduler_config, model.spec.family, seeds=seeds)

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipelines.contract import RESULT_SCHEMA
 from pipelines.errors import InputError
+from pipelines.registry.loras import adapters, check_available as check_lora_available
 from pipelines.registry.models import ModelRegistry, check_available
 from pipelines.validation import manifest_digest, order_by_run_key, validate_manifest
 from pipelines.storage.lease import Lease
@@ -65,6 +66,8 @@ def plan(manifest_path: str, out: str, *, model: str | None = None, models_file:
     manifest = validate_manifest(read_manifest(manifest_path), registry, model, source=f"manifest {manifest_path}")
     for name in sorted(set(manifest.column("model").to_pylist())):
         check_available(registry.get(name))
+    for name in sorted({a for v in set(manifest.column("lora").to_pylist()) for a, _ in adapters(v, 1.0)}):
+        check_lora_available(registry.loras[name])  # a registered adapter whose file is missing: named now
     digest = manifest_digest(manifest)
     store = ResultStore(out)
     check_out_location(store, manifest_path)

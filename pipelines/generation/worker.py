@@ -37,12 +37,14 @@ class GenerateActor:
 
     def __init__(self, specs: dict, dtype: str, batch_size: int | None, torch_threads: int | None, cache_size: int = 2,
                  batching: str = "config", speed: dict | None = None, attempts: Callable[[str], int] | None = None,
-                 max_attempts: int | None = None):
+                 max_attempts: int | None = None, loras: dict | None = None):
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.specs, self.dtype, self.batch_size, self.cache_size = specs, dtype, batch_size, cache_size
+        self.loras = loras or {}  # adapter name -> LoraSpec (pipelines/registry/loras.py)
+        self.loads: dict[str, int] = {}  # "model:<name>" / "lora:<name>" -> times loaded by this actor
         self.batching = batching
         self.speed = SpeedOptions(**(speed or {}))
         self.text_caches: dict = {}  # (model, quant) -> prompt embeddings (continuous batching)
@@ -76,6 +78,8 @@ class GenerateActor:
             self.batch_sizes.pop(evicted, None)
         with PeakMemory(self.device) as peak:  # this process's peak: resident set on CPU, allocated on a GPU
             model = load_model(self.specs[name[0]], self.device, self.dtype, quant=name[1])
+            load_key = f"model:{name[0]}" + (f"@{name[1]}" if name[1] != "none" else "")
+            self.loads[load_key] = self.loads.get(load_key, 0) + 1
             apply_speed_options(model.pipe, self.speed)
             warm_up(model)  # also pays torch.compile, if on
         weights = sum(weights_bytes(c) for c in model.pipe.components.values() if hasattr(c, "parameters"))
@@ -102,7 +106,7 @@ class GenerateActor:
     def _failed_rows(self, part: pd.DataFrame, message: str) -> list[dict]:
         now = dt.datetime.now(dt.timezone.utc)
         return [self._row(now, sample_id=sid, pixels=None, status="error", error=message, prompt_truncated=False,
-                          gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None, **NO_QUANT)
+                          gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None, lora_digest=None, **NO_QUANT)
                 for sid in part["sample_id"]]
 
     def _model_rows(self, name: tuple, part: pd.DataFrame) -> list[dict]:
@@ -117,16 +121,36 @@ class GenerateActor:
         if name in self.load_failures:
             return self._failed_rows(part, self.load_failures[name])
         now = dt.datetime.now(dt.timezone.utc)  # batch start: the benchmark measures start-up from it
-        rows = [Row.of(r) for r in part.to_dict("records")]
-        try:  # rows that fail are error results already; this catches a failure of the model's whole part
-            results = self._generate(name, model, rows)
-        except Exception as e:  # noqa: BLE001 - one model's failure never takes the other models' rows down
-            return self._failed_rows(part, f"{what} failed on {self.worker}: {innermost_cause(e)}")
-        return [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
-                          status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
-                          gen_seconds=res.gen_seconds, batch_size=res.batch_size, dtype=model.dtype,
-                          model_digest=model.digest, **model.quant_record, **model.extras["load"])
-                for res in results]
+        out = []
+        if "lora" not in part:  # rows made without the LoRA columns (e.g. the benchmark's)
+            part = part.assign(lora="", lora_scale=1.0)
+        for (lora, scale), group in part.groupby(["lora", "lora_scale"], sort=False):  # one adapter set per call
+            rows = [Row.of(r) for r in group.to_dict("records")]
+            try:  # rows that fail are error results already; this catches a failure of the model's whole part
+                digest = self._adapters(model).use(lora, scale)
+                results = self._generate(name, model, rows)
+            except Exception as e:  # noqa: BLE001 - one model's failure never takes the other models' rows down
+                out += self._failed_rows(group, f"{what}{f' with lora {lora!r}' if lora else ''} failed on "
+                                                f"{self.worker}: {innermost_cause(e)}")
+                continue
+            out += [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
+                              status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
+                              gen_seconds=res.gen_seconds, batch_size=res.batch_size, dtype=model.dtype,
+                              model_digest=model.digest, lora_digest=digest, **model.quant_record,
+                              **model.extras["load"])
+                    for res in results]
+        return out
+
+    def _adapters(self, model):
+        """The model's LoRA adapters (loaded on first use, once per loaded model)."""
+        from pipelines.registry.loras import Adapters
+
+        if "adapters" not in model.extras:
+            model.extras["adapters"] = Adapters(model.pipe, self.loras, on_load=self._count_lora)
+        return model.extras["adapters"]
+
+    def _count_lora(self, adapter: str) -> None:
+        self.loads[f"lora:{adapter}"] = self.loads.get(f"lora:{adapter}", 0) + 1
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # Which attempt at this batch this is (1 = first), counted across actor restarts; 0 when not counted.

@@ -42,6 +42,7 @@ class ModelSpec:
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     revision: str | None = None
     quantize_text_encoders: bool = False  # a `quant` scheme also quantizes the text encoders (else the denoiser only)
+    base: str | None = None  # the built-in model a --models entry inherits from ('base:'); LoRA 'fits' match it
 
     def defaults(self) -> dict:
         return {
@@ -83,8 +84,11 @@ class ModelNotFoundError(InputError):
 
 
 class ModelRegistry:
-    def __init__(self, specs: dict[str, ModelSpec] | None = None):
+    def __init__(self, specs: dict[str, ModelSpec] | None = None, loras: dict | None = None):
+        from pipelines.registry.loras import BUILTIN_LORAS
+
         self.specs = dict(BUILTIN_MODELS if specs is None else specs)
+        self.loras = dict(BUILTIN_LORAS if loras is None else loras)  # adapter name -> LoraSpec
 
     def names(self) -> list[str]:
         return sorted(self.specs)
@@ -103,6 +107,7 @@ class ModelRegistry:
         registry = cls()
         if path:
             registry.specs.update(load_models_yaml(path))
+            registry.loras.update(load_loras_yaml(path))
         return registry
 
 
@@ -139,7 +144,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "revision": (lambda v: v is None or _text(v), "a hub revision (branch, tag or commit) or null"),
     "quantize_text_encoders": (lambda v: isinstance(v, bool), "true or false"),
 }
-assert set(_FIELD_TYPES) == _SPEC_FIELDS - {"name"}
+assert set(_FIELD_TYPES) == _SPEC_FIELDS - {"name", "base"}
 _ALLOWED_KEYS = ["base", *_FIELD_TYPES]
 
 
@@ -159,6 +164,8 @@ def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
         doc = load_yaml(path, "--models")
     except InputError as e:
         raise ModelConfigError(str(e)) from None
+    if isinstance(doc, dict) and "models" not in doc and "loras" in doc:
+        return {}  # a file of adapters only
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
         got = f"'models': {describe(doc.get('models'))}" if isinstance(doc, dict) else describe(doc)
         raise ModelConfigError(f"--models {path}: expected a mapping with a 'models:' mapping of name -> settings, "
@@ -181,7 +188,7 @@ def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
         base = BUILTIN_MODELS.get(entry.pop("base", None))
         if "guidance" in entry:
             entry["guidance"] = float(entry["guidance"])
-        spec = replace(base, name=name, **entry) if base else ModelSpec(name=name, **entry)
+        spec = replace(base, name=name, base=base.name, **entry) if base else ModelSpec(name=name, **entry)
         problems += [f"{where}, {p}" for p in _spec_problems(spec)]
         out[name] = spec
     if problems:
@@ -189,6 +196,16 @@ def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
         more = f"; ... and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
         raise ModelConfigError(f"--models {path}: {len(problems)} problem(s): {shown}{more}")
     return out
+
+
+def load_loras_yaml(path: str | os.PathLike) -> dict:
+    """The `loras:` section of a models file (pipelines/registry/loras.py), {} without one."""
+    from pipelines.registry.loras import parse_loras
+
+    doc = load_yaml(path, "--models")
+    if not isinstance(doc, dict) or "loras" not in doc:
+        return {}
+    return parse_loras(doc["loras"], f"--models {path}", Path(path).expanduser().resolve().parent)
 
 
 def _entry_problems(entry: dict) -> list[str]:
