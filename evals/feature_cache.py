@@ -1,4 +1,5 @@
-"""Per-image features cached on disk, keyed by (sample_id, everything that changes them).
+"""Per-image features cached on disk or in a bucket (s3://, gs://), keyed by (sample_id,
+everything that changes them).
 
 Extracting features is the expensive part of an evaluation; the statistics are cheap. So
 each extractor's features live in their own folder, named clean-fid style by extractor,
@@ -8,10 +9,10 @@ torchvision image processor instead of the PIL one, gets a new folder instead of
 features. The folder holds Parquet shards (sample_id, features). Re-evaluating, or comparing
 against a new reference, reads them instead of recomputing.
 
-A shard is written in the folder's `_staging/` subfolder and renamed into place, so a glob
-of `<key>/*.parquet` (or `<key>/part-*.parquet`) only ever sees whole shards. Older
-versions staged under a hidden `.staging-` name beside the shards; those leftovers are
-never read. A cache shard that cannot be read is skipped (its features are computed again)
+A shard is written in the folder's `_staging/` subfolder and renamed into place (on an
+object store: one PUT, whole or invisible), so a glob of `<key>/*.parquet` (or
+`<key>/part-*.parquet`) only ever sees whole shards. Older versions staged under a hidden
+`.staging-` name beside the shards; those leftovers are never read. A cache shard that cannot be read is skipped (its features are computed again)
 and named in `bad`.
 """
 
