@@ -125,8 +125,8 @@ def test_evaluate_s3_results_and_s3_reference_into_a_local_report(s3_env, ray_lo
     # Feature extraction runs on a Ray of its own, whose workers read the shards from the
     # bucket with the credentials of their environment, as on a cluster.
     report = tmp_path / "report"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
+    # RAY_ADDRESS=local: a Ray of its own even when a `ray start` cluster (another token) runs here.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"}
     cmd = [sys.executable, str(ROOT / "jobs" / "evaluate.py"), results, "--reference", stats, "--out", str(report),
            "--n-boot", "2", "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
