@@ -1,4 +1,5 @@
-"""Per-image features cached on disk, keyed by (sample_id, everything that changes them).
+"""Per-image features cached on disk or in a bucket (s3://, gs://), keyed by (sample_id,
+everything that changes them).
 
 Extracting features is the expensive part of an evaluation; the statistics are cheap. So
 each extractor's features live in their own folder, named clean-fid style by extractor,
@@ -8,10 +9,10 @@ torchvision image processor instead of the PIL one, gets a new folder instead of
 features. The folder holds Parquet shards (sample_id, features). Re-evaluating, or comparing
 against a new reference, reads them instead of recomputing.
 
-A shard is written in the folder's `_staging/` subfolder and renamed into place, so a glob
-of `<key>/*.parquet` (or `<key>/part-*.parquet`) only ever sees whole shards. Older
-versions staged under a hidden `.staging-` name beside the shards; those leftovers are
-never read. A cache shard that cannot be read is skipped (its features are computed again)
+A shard is written in the folder's `_staging/` subfolder and renamed into place (on an
+object store: one PUT, whole or invisible), so a glob of `<key>/*.parquet` (or
+`<key>/part-*.parquet`) only ever sees whole shards. Older versions staged under a hidden
+`.staging-` name beside the shards; those leftovers are never read. A cache shard that cannot be read is skipped (its features are computed again)
 and named in `bad`.
 """
 
@@ -26,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from evals import files
 
 STAGING_DIR = "_staging"
 
@@ -104,27 +108,32 @@ def feature_description(extractor, weights_file: str | Path | None = None) -> di
 
 
 class FeatureCache:
-    def __init__(self, root: str | Path, key: str):
-        self.dir = Path(root) / key
-        self.bad: dict[str, str] = {}  # path -> why, shards skipped because they cannot be read
-        self._tables: dict[Path, pa.Table] = {}
+    """One extractor's features under `root`/`key`; `root` is a local directory or an
+    object-store URI (evals.files)."""
 
-    def _files(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
+    def __init__(self, root: str | Path, key: str):
+        self.dir = files.join(root, key)
+        self.fs, self._fs_dir = files.resolve(self.dir)
+        self.bad: dict[str, str] = {}  # path -> why, shards skipped because they cannot be read
+        self._tables: dict[str, pa.Table] = {}
+
+    def _files(self) -> list[str]:
+        return [i.path for i in files.list_files(self.dir)
+                if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")]
 
     def _read(self) -> list[pa.Table]:
         """Every readable shard (read once per FeatureCache; shards are never rewritten)."""
         tables = []
         for path in self._files():
-            if str(path) in self.bad:
+            if files.as_uri(self.dir, path) in self.bad:
                 continue
             if path not in self._tables:
                 try:
-                    table = pq.read_table(path, columns=["sample_id", "features"])
+                    table = pq.read_table(path, columns=["sample_id", "features"], filesystem=self.fs)
                     if not pa.types.is_fixed_size_list(table.schema.field("features").type):
                         raise ValueError("column 'features' is not a fixed-size list")
                 except (OSError, pa.ArrowException, KeyError, ValueError) as e:
-                    self.bad[str(path)] = " ".join(str(e).split())[:120]
+                    self.bad[files.as_uri(self.dir, path)] = " ".join(str(e).split())[:120]
                     continue
                 self._tables[path] = table
             tables.append(self._tables[path])
@@ -157,18 +166,23 @@ class FeatureCache:
         return np.concatenate(blocks)[[position[s] for s in sample_ids]].astype(np.float64)
 
     def add(self, sample_ids: list[str], features: np.ndarray) -> None:
-        """Commit one shard atomically (written in _staging/, then renamed into place)."""
+        """Commit one shard atomically (on a local disk written in _staging/, then renamed
+        into place; on an object store one PUT, which no reader sees half done)."""
         if len(sample_ids) == 0:
             return
         features = np.asarray(features, dtype=np.float32)
-        staging_dir = self.dir / STAGING_DIR
-        staging_dir.mkdir(parents=True, exist_ok=True)
         flat = pa.array(features.reshape(-1))
         table = pa.table({
             "sample_id": pa.array(sample_ids, pa.string()),
             "features": pa.FixedSizeListArray.from_arrays(flat, features.shape[1]),
         })
         name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        final = f"{self._fs_dir}/{name}"
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            pq.write_table(table, final, filesystem=self.fs)
+            return
+        staging_dir = Path(self._fs_dir) / STAGING_DIR
+        staging_dir.mkdir(parents=True, exist_ok=True)
         staging = staging_dir / name
         pq.write_table(table, staging)
-        staging.rename(self.dir / name)
+        staging.rename(final)

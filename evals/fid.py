@@ -23,12 +23,15 @@ subsets, as in Binkowski et al. and torchmetrics/clean-fid.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from evals import files
 
 STATS_FORMAT_VERSION = 1
 
@@ -161,8 +164,7 @@ def save_stats(
     """Write reference statistics as .npz (mu, sigma, n, extractor, resize_mode, image_size,
     format_version; optional features for KID). Written to a temp file then renamed, so a crash
     never leaves a truncated file that later loads as a reference."""
-    path = Path(path)
-    if path.suffix != ".npz":
+    if not str(path).endswith(".npz"):
         raise ValueError(f"reference statistics path must end in .npz, got {path}")
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_pair(mu, sigma, mu, sigma)
@@ -177,18 +179,16 @@ def save_stats(
     )
     if features is not None:
         payload["features"] = as_features(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **payload)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    np.savez(buf, **payload)
+    files.write_bytes(path, buf.getvalue())  # a local path or an object-store URI
+    return path if files.is_uri(path) else Path(path)
 
 
 def load_stats(path: str | os.PathLike) -> RefStats:
     """Load statistics written by `save_stats`, or a clean-fid / pytorch-fid .npz with only mu
     and sigma (metadata then None: such a file cannot be checked against the extractor)."""
-    path = Path(path)
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as z:
         missing = {"mu", "sigma"} - set(z.files)
         if missing:
             raise ValueError(f"{path} is not a statistics file: missing {sorted(missing)} (has {sorted(z.files)})")
@@ -204,7 +204,7 @@ def load_stats(path: str | os.PathLike) -> RefStats:
             resize_mode=meta("resize_mode", str),
             image_size=meta("image_size", int),
             features=np.asarray(z["features"], np.float64) if "features" in z.files else None,
-            path=path,
+            path=path if files.is_uri(path) else Path(path),
         )
     _check_pair(stats.mu, stats.sigma, stats.mu, stats.sigma)
     return stats
@@ -235,9 +235,8 @@ def reference_stats(
 ) -> RefStats:
     """Load `path` if it exists (checking it matches), else call `compute_features()` once,
     save, and return. `compute_features` returns the [n, dim] reference features."""
-    path = Path(path)
     want = {"extractor": extractor, "resize_mode": resize_mode, "image_size": image_size}
-    if path.exists():
+    if files.is_file(path):
         stats = load_stats(path)
         for note in check_compatible(stats, want):
             warnings.warn(note, stacklevel=2)

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evals import files
 from evals.decode import try_decode
 from evals.feature_cache import cache_key
 from evals.messages import listing, reason
@@ -57,8 +58,12 @@ def _digest(parts) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:10]
 
 
-def _file_stamp(path: Path) -> tuple:
-    st = path.stat()
+def _file_stamp(path) -> tuple:
+    """What changes when the file does: its name, size and modification time."""
+    if files.is_uri(path):
+        i = files.info(path)
+        return str(path), i.size, i.mtime_ns
+    st = os.stat(path)
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
@@ -73,7 +78,7 @@ class Reference:
     def __init__(self, source: str, results_shards: Sequence[str] = ()):
         self.source = source
         self.n = embedded_domain_size(source)
-        self.files: list[Path] = []
+        self.files: list = []  # image files: Paths, or URIs on an object store
         self.shards: list[str] = []
         self.notes: list[str] = []
         path = Path(source)
@@ -82,6 +87,8 @@ class Reference:
             if path.exists():
                 self.notes.append(f"--reference {source} means {self.n} rendered images of the embedded domain; "
                                   f"to use the directory of that name pass ./{source}")
+        elif files.is_uri(source):
+            self._remote(source, list(results_shards))
         elif source.endswith(".npz"):
             if not path.is_file():
                 raise BadReference(f"--reference {source}: no such statistics file")
@@ -95,21 +102,50 @@ class Reference:
         else:
             raise BadReference(f"--reference {source!r}: expected {REFERENCE_FORMS}")
 
-    def _directory(self, path: Path, shards: list[str]) -> None:
+    def _remote(self, source: str, shards: list[str]) -> None:
+        """The same forms on an object store (s3://, gs://), read through pyarrow."""
+        try:
+            kind = files.info(source).type
+        except (OSError, ValueError) as e:
+            raise BadReference(f"--reference {source}: cannot open ({reason(e)})") from None
+        name = files.basename(source)
+        if kind.name == "NotFound":
+            raise BadReference(f"--reference {source}: no such file or directory; expected {REFERENCE_FORMS}")
+        if source.endswith(".npz"):
+            self.kind, self.name = "npz", name[:-len(".npz")]
+        elif kind.name == "Directory":
+            self._directory(source, shards)
+        elif name.endswith(".parquet"):
+            self.kind, self.name = "parquet", f"{safe_name(name[:-len('.parquet')])}-{_digest([_file_stamp(source)])}"
+        else:
+            raise BadReference(f"--reference {source!r}: expected {REFERENCE_FORMS}")
+
+    def _image_files(self, path) -> list:
+        """Image files under the directory, hidden ones (a dot in any part) left out."""
+        if files.is_uri(path):
+            root = files.resolve(path)[1].rstrip("/") + "/"
+            found = [files.as_uri(path, i.path) for i in files.list_files(path, recursive=True)
+                     if i.path.lower().endswith(IMAGE_SUFFIXES)
+                     and not any(part.startswith(".") for part in i.path[len(root):].split("/"))]
+            return sorted(found)
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+    def _directory(self, path, shards: list[str]) -> None:
         """A results directory (its committed shards) or a directory of image files, named by
         the folder and a digest of its files, so changed files get new statistics."""
         if shards:
             self.kind, self.shards = "results", shards
-            stamp = [_file_stamp(Path(s)) for s in shards]
+            stamp = [_file_stamp(s) for s in shards]
         else:
             self.kind = "images"
-            self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                                and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            self.files = self._image_files(path)
             if not self.files:
                 raise BadReference(f"--reference {self.source}: directory holds no images "
                                    f"({'/'.join(IMAGE_SUFFIXES)}) and no results shards")
             stamp = [_file_stamp(f) for f in self.files]
-        self.name = f"{safe_name(Path(os.path.abspath(self.source)).name)}-{_digest(stamp)}"
+        base = files.basename(self.source) if files.is_uri(self.source) else Path(os.path.abspath(self.source)).name
+        self.name = f"{safe_name(base)}-{_digest(stamp)}"
 
     def images(self) -> tuple[list[np.ndarray], list[str] | None]:
         """Images (and captions, when known)."""
@@ -121,7 +157,8 @@ class Reference:
         if self.kind == "npz":
             raise BadReference(f"--reference {self.source}: statistics, not images")
         if self.kind == "images":
-            decoded = [try_decode(f.read_bytes()) if f.stat().st_size else (None, "empty file") for f in self.files]
+            decoded = [try_decode(data) if data else (None, "empty file")
+                       for data in (files.read_bytes(f) for f in self.files)]
             labels = [str(f) for f in self.files]
         else:
             decoded, labels = [], []
@@ -141,15 +178,17 @@ class Reference:
         """The decoded 'image' column of one Parquet file (only its ok rows when it is a results
         table), and a label per row for the error message."""
         try:
-            names = pq.read_schema(path).names
-            table = pq.read_table(path, columns=[c for c in ("sample_id", "status", "image") if c in names])
+            fs, where = files.resolve(path)
+            names = pq.read_schema(where, filesystem=fs).names
+            table = pq.read_table(where, columns=[c for c in ("sample_id", "status", "image") if c in names],
+                                  filesystem=fs)
         except (OSError, pa.ArrowException) as e:
             raise BadReference(f"--reference {self.source}: cannot read {path} ({reason(e)})") from None
         if "image" not in table.column_names:
             raise BadReference(f"--reference {self.source}: Parquet has no 'image' column of PNG/JPEG bytes")
         if "status" in table.column_names:  # a results table: its ok rows
             table = table.filter(pa.array([s == "ok" for s in table.column("status").to_pylist()]))
-        base = os.path.basename(path)
+        base = files.basename(path)
         if "sample_id" in table.column_names:
             labels = [f"{base} sample_id {s}" for s in table.column("sample_id").to_pylist()]
         else:
@@ -176,10 +215,11 @@ class ReferencePlan:
             except (ValueError, OSError) as e:
                 raise BadReference(f"--reference {ref.source}: {reason(e)}") from None
             return
-        self.path = Path(cache_dir) / f"ref-{ref.name}-{cache_key(desc)}.npz"
-        if os.path.dirname(os.path.abspath(self.path)) != os.path.abspath(cache_dir):  # safe_name makes this so
+        name = f"ref-{ref.name}-{cache_key(desc)}.npz"
+        if "/" in name or os.sep in name or name.startswith("."):  # safe_name makes this so
             raise BadReference(f"--reference {ref.source}: its name would leave the cache folder {cache_dir}")
-        if not self.path.exists() and ref.kind != "embedded":
+        self.path = files.join(cache_dir, name)  # a local folder or an object-store URI
+        if not files.is_file(self.path) and ref.kind != "embedded":
             self._images = ref.images()[0]
 
     def compute(self):

@@ -7,12 +7,12 @@ across a sweep and across evaluations, so each extractor's text embeddings are k
 
 from __future__ import annotations
 
-import os
-import uuid
+import io
 from pathlib import Path
 
 import numpy as np
 
+from evals import files
 from evals.feature_cache import cache_key
 
 
@@ -22,16 +22,15 @@ def text_embeddings(extractor, prompts: list[str], cache_root: Path,
     (cache_root/text-<key>.npz, replaced atomically). The key is made from `description`
     (feature_cache.feature_description: weights included, so a retrained CLIP misses the
     cache), else from the extractor's describe()."""
-    path = Path(cache_root) / f"text-{cache_key(description or extractor.describe())}.npz"
+    path = files.join(cache_root, f"text-{cache_key(description or extractor.describe())}.npz")
     known: dict[str, np.ndarray] = {}
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
+    if files.is_file(path):
+        with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as z:
             known = dict(zip(z["prompts"].tolist(), z["embeddings"]))
     missing = [p for p in prompts if p not in known]
     if missing:
         known.update(zip(missing, extractor.embed_text(missing)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.npz")
-        np.savez(tmp, prompts=np.array(list(known), dtype=str), embeddings=np.stack(list(known.values())))
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, prompts=np.array(list(known), dtype=str), embeddings=np.stack(list(known.values())))
+        files.write_bytes(path, buf.getvalue())
     return {p: known[p] for p in prompts}

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from evals import files  # noqa: E402
 from evals.cost import cost_warnings  # noqa: E402
 from evals.feature_cache import FeatureCache, cache_key, feature_description  # noqa: E402
 from evals.messages import listing  # noqa: E402
@@ -47,11 +48,12 @@ EXTRACTORS = ("inception", "clip", "embedded")  # evals.features.EXTRACTORS; imp
 
 def parse_args(argv=None):
     p = OneLineParser(prog="jobs/evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="?", help="results directory written by jobs/generate.py")
+    p.add_argument("results", nargs="?", help="results directory written by jobs/generate.py (or an s3://, gs:// URI)")
     p.add_argument("--reference", help="images directory, results directory, Parquet of images (column 'image'), "
                                        "stats .npz, or 'embedded[:N]' (N rendered images of the embedded domain, "
                                        "default 1000; ./embedded is a directory)")
-    p.add_argument("--out", help="report directory, outside RESULTS (default: RESULTS-report beside it)")
+    p.add_argument("--out", help="local report directory, outside RESULTS (default: RESULTS-report beside it; "
+                                 "for a URI, NAME-report in the current directory)")
     p.add_argument("--features", default="auto", choices=("auto",) + EXTRACTORS,
                    help="extractor for FID/KID (auto: embedded for the embedded model, else inception)")
     p.add_argument("--by", default=None, help="comma-separated grouping columns (default: the run key)")
@@ -82,7 +84,10 @@ def parse_args(argv=None):
 
 def default_report_dir(results: str) -> Path:
     """`results/` -> `results-report/`: beside RESULTS, never inside it (readers of RESULTS,
-    e.g. pandas.read_parquet(RESULTS), would trip over the report's files)."""
+    e.g. pandas.read_parquet(RESULTS), would trip over the report's files). The report is
+    written locally, so results on an object store get theirs in the current directory."""
+    if files.is_uri(results):
+        return Path(files.basename(results) + "-report")
     base = Path(os.path.normpath(results))
     if base.name in ("", ".", ".."):
         base = Path(os.path.abspath(results))
@@ -91,9 +96,12 @@ def default_report_dir(results: str) -> Path:
 
 def report_dir(args) -> Path:
     """Where the report goes; refused (before any work) when it would land inside RESULTS."""
+    if args.out and files.is_uri(args.out):
+        raise InputError(f"--out {args.out}: the report is written to a local directory; expected a local path")
     out = Path(args.out) if args.out else default_report_dir(args.results)
     results, where = os.path.realpath(args.results), os.path.realpath(out)
-    if where == results or where.startswith(results.rstrip(os.sep) + os.sep):
+    inside = where == results or where.startswith(results.rstrip(os.sep) + os.sep)
+    if inside and not files.is_uri(args.results):
         raise InputError(f"--out {args.out}: is {'RESULTS itself' if where == results else 'inside RESULTS'} "
                          f"({args.results}); the report goes outside the results, e.g. --out "
                          f"{default_report_dir(args.results)} (the default)")
@@ -132,7 +140,7 @@ def read(args, notes: list[str]):
         warn(f"skipped {len(skipped)} file(s) in RESULTS that are not readable results shards (left as they are): "
              + listing([f"{p} ({why})" for p, why in skipped]), notes)
     legacy = Path(args.results) / "report"
-    if (legacy / "metrics.parquet").is_file():
+    if not files.is_uri(args.results) and (legacy / "metrics.parquet").is_file():
         warn(f"{legacy} is a report an older diffsweep wrote inside RESULTS; readers of the whole directory "
              f"(pandas.read_parquet({args.results})) fail on its files: move it out of RESULTS", notes)
     keys = grouping_keys(df, args.by)
@@ -154,7 +162,7 @@ def extract(args, df, ok, shards, notes: list[str]):
     kwargs = extractor_kwargs(args)
     fid_ex = make_extractor(fid_name, kwargs)
     clip_ex = fid_ex if clip_name == fid_name else (make_extractor(clip_name, kwargs) if clip_name else None)
-    cache_root = Path(args.cache) if args.cache else Path(args.results) / "_features"
+    cache_root = args.cache or files.join(args.results, "_features")  # a local folder or a URI
     described = {name: feature_description(ex, args.clip_pretrained if name == "clip" else None)
                  for name, ex in ((fid_name, fid_ex), (clip_name, clip_ex)) if ex is not None}
     plan = ReferencePlan(reference, fid_ex, cache_root, described[fid_name]) if reference is not None else None
@@ -213,14 +221,15 @@ def evaluate(args) -> int:
     grid = grid_rows(ok, keys, args.grid_prompts, args.grid_configs)
     images = read_images(shards, list(set(grid.sample_id)))
     grid["image"] = [images.get(s) for s in grid.sample_id]
-    meta = {"results": str(Path(args.results)), "reference": ref_name, "extractor": desc["extractor"],
+    shown_results = args.results if files.is_uri(args.results) else str(Path(args.results))
+    meta = {"results": shown_results, "reference": ref_name, "extractor": desc["extractor"],
             "resize_mode": desc["resize_mode"], "image processor": desc["image_processor"],
             "CLIP model": clip_desc["extractor"] if clip_desc else "none", "n_boot": str(args.n_boot),
             "FID at n": f"--fid-n {args.fid_n}" if args.fid_n else "all images of each group", **run_provenance(ok),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "features computed this run": str(n_new)}
-    write_report(metrics, grid.drop(columns="sample_id"), out, keys=keys, title=f"diffsweep: {Path(args.results).name}",
-                 warnings=notes, meta=meta)
+    write_report(metrics, grid.drop(columns="sample_id"), out, keys=keys,
+                 title=f"diffsweep: {files.basename(args.results)}", warnings=notes, meta=meta)
     print(table)
     for n in notes[len(shown):]:
         print(f"warning: {n}", file=sys.stderr)

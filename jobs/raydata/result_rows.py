@@ -3,18 +3,21 @@ column but the image), and the images of chosen rows.
 
 Only top-level part-*.parquet shards that `ResultStore.scan` finds whole count; a file that
 is unreadable, of another schema or foreign is skipped and named, and nothing in RESULTS is
-moved or deleted. The frames and paths returned are plain data for `evals`.
+moved or deleted. The frames and paths returned are plain data for `evals`. RESULTS may be
+an object-store URI (s3://bucket/results/): the shards are then named by URI, and read through
+pyarrow's filesystem for it.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from evals import files
 from evals.messages import listing, reason
 from pipelines.errors import InputError
 from pipelines.storage.results import ResultStore
@@ -24,19 +27,30 @@ from pipelines.storage.results import ResultStore
 EVAL_COLUMNS = ("sample_id", "status", "prompt", "seed", "model", "gen_seconds")
 
 
+def _is_dir(store: ResultStore) -> bool:
+    return store.fs.get_file_info(store.root).type == pafs.FileType.Directory
+
+
 def committed_shards(directory: str) -> list[str]:
-    """The committed shards of a results directory; [] for anything else (a directory of
-    image files, a file, a path that does not exist)."""
-    return ResultStore(directory).scan().good if Path(directory).is_dir() else []
+    """The committed shards of a results directory (paths, or URIs when `directory` is one);
+    [] for anything else (a directory of image files, a file, a path that does not exist)."""
+    if not (files.is_uri(directory) or os.path.isdir(directory)):
+        return []
+    try:
+        store = ResultStore(directory)
+        return [files.as_uri(directory, p) for p in store.scan().good] if _is_dir(store) else []
+    except (OSError, ValueError, pa.ArrowException):  # an unreachable bucket: the caller names it
+        return []
 
 
 def read_results(results: str) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]]]:
     """Every column but the image from the committed shards (ResultStore.scan().good), the
     shards read, and the files skipped (path, why): unreadable, another schema, foreign."""
-    if not Path(results).is_dir():
+    store = ResultStore(results if files.is_uri(results) else os.path.normpath(results))
+    if not _is_dir(store):
         raise InputError(f"RESULTS {results}: not a results directory (no such directory)")
-    scan = ResultStore(str(Path(results))).scan()
-    shown = lambda path: os.path.join(results, os.path.basename(path))  # noqa: E731
+    scan = store.scan()
+    shown = lambda path: files.join(results, files.basename(path))  # noqa: E731
     skipped = [(shown(path), why) for path, why in scan.bad]
     skipped += [(shown(path), "not a results shard (not named part-*.parquet)") for path in scan.foreign]
     frames, good = [], []
@@ -46,11 +60,12 @@ def read_results(results: str) -> tuple[pd.DataFrame, list[str], list[tuple[str,
             skipped.append((shown(path), f"not a results shard (no {', '.join(lacking)} column)"))
             continue
         try:
-            frames.append(pq.read_table(path, columns=[c for c in scan.columns[path] if c != "image"]).to_pandas())
+            frames.append(pq.read_table(path, columns=[c for c in scan.columns[path] if c != "image"],
+                                        filesystem=store.fs).to_pandas())
         except (OSError, pa.ArrowException) as e:
             skipped.append((shown(path), f"unreadable ({reason(e)})"))
             continue
-        good.append(path)
+        good.append(files.as_uri(results, path))
     if not good:
         why = f"; skipped: {listing([f'{p} ({w})' for p, w in skipped])}" if skipped else ""
         raise InputError(f"RESULTS {results}: not a results directory (no readable part-*.parquet shards "
@@ -65,7 +80,9 @@ def read_images(shards: list[str], sample_ids: list[str]) -> dict[str, bytes]:
     images = {}
     for path in shards if sample_ids else []:
         try:
-            table = pq.read_table(path, columns=["sample_id", "image"], filters=[("sample_id", "in", sample_ids)])
+            fs, where = files.resolve(path)
+            table = pq.read_table(where, columns=["sample_id", "image"], filters=[("sample_id", "in", sample_ids)],
+                                  filesystem=fs)
         except (OSError, pa.ArrowException):
             continue
         images.update(zip(table.column("sample_id").to_pylist(), table.column("image").to_pylist()))
