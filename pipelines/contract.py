@@ -71,6 +71,8 @@ class Row:
                        example=(10, 25))
     guidance: float = column(pa.float64(), FROM_MODEL, lo=0, run_key=True, sweep="guidance", example=(1.0, 7.5),
                              doc="<= 1 disables classifier-free guidance")
+    true_cfg_scale: float = column(pa.float64(), 1.0, lo=0, run_key=True, sweep="true_cfg_scales", example=(1.0, 4.0),
+                                   doc="FLUX's true classifier-free guidance with the negative prompt; <= 1 off")
     height: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
     width: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
     cache_interval: int = column(pa.int64(), 1, lo=1, hi=MAX_STEPS, run_key=True, sweep="cache_intervals", example=(1, 3),

@@ -20,14 +20,17 @@ from pipelines.seeding import row_generators
 from pipelines.validation import ManifestError, validate_manifest
 from tests.conftest import write_parquet
 
-# family -> (schedulers valid for it, image sizes, whether half the rows get a negative prompt).
-# FLUX has one: FluxPipeline cannot drive flow_match_heun (refused at validation), so its
-# sweep's second axis is the image size (FLUX's shift depends on it).
+# family -> (schedulers valid for it, image sizes, the guidance axis, whether half the rows get a
+# negative prompt). FLUX has one scheduler: FluxPipeline cannot drive flow_match_heun (refused at
+# validation), so its sweep's second axis is the image size (FLUX's shift depends on it).
+# FLUX-schnell ignores `guidance` (refused off its default): its guidance axis is true CFG,
+# with the negative prompts on the true-CFG rows (FluxPipeline reads them only there).
 SWEEPS = {
-    "tiny-sd2v": (["ddim", "euler_a"], [32], True),
-    "tiny-sdxl": (["euler", "dpmpp_2m"], [32], True),
-    "tiny-sd3": (["flow_match_euler", "flow_match_heun"], [32], True),
-    "tiny-flux": (["flow_match_euler"], [32, 48], False),
+    "tiny-sd2v": (["ddim", "euler_a"], [32], "guidance", True),
+    "tiny-sdxl": (["euler", "dpmpp_2m"], [32], "guidance", True),
+    "tiny-sd3": (["flow_match_euler", "flow_match_heun"], [32], "guidance", True),
+    "tiny-flux": (["flow_match_euler"], [32, 48], "true_cfg_scale", True),
+    "tiny-flux-dev": (["flow_match_euler"], [32, 48], "guidance", False),
 }
 
 
@@ -42,17 +45,18 @@ def registry(models_yaml):
 
 
 def sweep_rows(model: str) -> list[dict]:
-    schedulers, sizes, negatives = SWEEPS[model]
+    schedulers, sizes, axis, negatives = SWEEPS[model]
     rows = []
     for sched in schedulers:
         for size in sizes:
             for steps in (2, 3):
-                for guidance in (1.0, 4.0):
+                for scale in (1.0, 4.0):
                     for seed in (1, 2):
+                        negative = negatives and seed == 2 and (axis == "guidance" or scale > 1)
                         rows.append(dict(prompt="a red circle", model=model, scheduler=sched, steps=steps,
-                                         guidance=guidance, seed=seed, height=size, width=size,
-                                         negative_prompt="blue" if negatives and seed == 2 else "",
-                                         tag=f"{model}|{sched}|{size}|{steps}|{guidance}|{seed}"))
+                                         guidance=TINY_FAMILIES[model][1]["guidance"], true_cfg_scale=1.0,
+                                         seed=seed, height=size, width=size, negative_prompt="blue" if negative else "",
+                                         tag=f"{model}|{sched}|{size}|{steps}|{scale}|{seed}") | {axis: scale})
     return rows
 
 
@@ -62,7 +66,8 @@ def family_sweep(tmp_path_factory, ray_local, models_yaml):
     run with --batch-size 4 so batches hold rows of several models."""
     rows = [r for model in sorted(SWEEPS) for r in sweep_rows(model)]
     rows += [dict(prompt="a blue square", model="tiny-random", scheduler="pndm", steps=2, guidance=4.0, seed=s,
-                  height=32, width=32, negative_prompt="", tag=f"tiny-random|pndm|32|{s}") for s in (1, 2)]
+                  true_cfg_scale=1.0, height=32, width=32, negative_prompt="", tag=f"tiny-random|pndm|32|{s}")
+             for s in (1, 2)]
     tmp = tmp_path_factory.mktemp("family-sweep")
     manifest = write_parquet(tmp / "manifest.parquet", rows)
     out = tmp / "out"
@@ -89,14 +94,14 @@ def test_family_sweep_runs_through_the_job(family_sweep, model):
     df = df[df.model == model]
     assert_complete(df, mine)
     assert df.model_digest.nunique() == 1
-    for col in ("scheduler", "steps", "guidance", "seed", "negative_prompt"):
+    for col in ("scheduler", "steps", "guidance", "true_cfg_scale", "seed", "negative_prompt"):
         assert sorted(df[col]) == sorted(r[col] for r in mine), col
 
 
 def test_mixed_family_manifest_finishes_every_row(family_sweep):
     rows, df = family_sweep
     assert_complete(df, rows)
-    assert df.model_digest.nunique() == 5
+    assert df.model_digest.nunique() == len(SWEEPS) + 1
 
 
 def test_v_prediction_is_kept_by_every_scheduler_swap(registry):

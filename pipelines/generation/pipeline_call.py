@@ -18,6 +18,7 @@ from pipelines.contract import Row
 from pipelines.generation.deepcache import deep_cache
 from pipelines.generation.results import RowResult, image_result, prompts_truncated, to_pixels
 from pipelines.generation.retry import sync
+from pipelines.registry.families import FLUX, max_sequence_length, pipeline_name
 from pipelines.registry.models import LoadedModel
 from pipelines.registry.schedulers import make_scheduler
 from pipelines.seeding import row_generators
@@ -25,31 +26,45 @@ from pipelines.seeding import row_generators
 
 def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
     """One diffusers call for rows that share a configuration (`Row.config()`)."""
-    height, width, scheduler, steps, guidance, cache_interval = rows[0].config()
+    first = rows[0]
     pipe = model.pipe
     seeds = [int(r.seed) for r in rows]
-    pipe.scheduler = make_scheduler(scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
+    pipe.scheduler = make_scheduler(first.scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
     prompts = [r.prompt for r in rows]
     negatives = [r.negative_prompt or "" for r in rows]
-    truncated = prompts_truncated(pipe, prompts, model.spec.max_prompt_tokens)
     kwargs = dict(
         prompt=prompts,
-        num_inference_steps=int(steps),
-        guidance_scale=float(guidance),
-        height=int(height),
-        width=int(width),
+        num_inference_steps=int(first.steps),
+        guidance_scale=float(first.guidance),
+        height=int(first.height),
+        width=int(first.width),
         generator=row_generators(seeds),
         output_type="pt",  # stays on the device: to_pixels converts there
+        **guidance_kwargs(model, first.guidance, first.true_cfg_scale, negatives),
     )
-    if guidance > 1 or any(negatives):
-        kwargs["negative_prompt"] = negatives
+    text_length = max_sequence_length(model.spec)
+    if text_length is not None:
+        kwargs["max_sequence_length"] = text_length
+    truncated = prompts_truncated(pipe, prompts, model.spec.max_prompt_tokens, text_length)
+    if "negative_prompt" in kwargs:  # read by the pipeline: cut like the prompt
+        cut = prompts_truncated(pipe, negatives, model.spec.max_prompt_tokens, text_length)
+        truncated = [a or b for a, b in zip(truncated, cut)]
     sync(model.device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), feature_reuse(pipe, int(cache_interval)):
+    with torch.inference_mode(), feature_reuse(pipe, int(first.cache_interval)):
         pixels, finite = to_pixels(pipe(**kwargs).images)
     per_image = (time.perf_counter() - t0) / len(rows)  # to_pixels ends with a copy to the host: synced
     return [image_result(row, px, ok, per_image, len(rows), trunc)
             for row, px, ok, trunc in zip(rows, pixels, finite, truncated)]
+
+
+def guidance_kwargs(model: LoadedModel, guidance: float, true_cfg_scale: float, negatives: list[str]) -> dict:
+    """What the family's pipeline takes besides `guidance_scale` (pipelines.registry.families):
+    FLUX's true CFG (`true_cfg_scale` with the negative prompts, empty ones included) when
+    asked for; the negative prompts of a CFG pipeline when it guides or any row has one."""
+    if pipeline_name(model.spec) == FLUX:
+        return dict(true_cfg_scale=float(true_cfg_scale), negative_prompt=negatives) if true_cfg_scale > 1 else {}
+    return dict(negative_prompt=negatives) if guidance > 1 or any(negatives) else {}
 
 
 def feature_reuse(pipe, cache_interval: int):
@@ -69,7 +84,7 @@ def probe_row(spec, height: int, width: int, seed: int = 0) -> Row:
     """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with CFG."""
     return Row(sample_id=f"probe-{seed}", prompt="probe", negative_prompt="", seed=seed, model=spec.name,
                scheduler=spec.scheduler, steps=2, guidance=max(spec.guidance, 2.0), height=height, width=width,
-               cache_interval=1)
+               true_cfg_scale=1.0, cache_interval=1)
 
 
 def measure_peaks(model: LoadedModel, height: int, width: int) -> tuple[int, int, int]:

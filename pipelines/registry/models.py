@@ -38,6 +38,8 @@ class ModelSpec:
     family: str = "eps"  # "eps" (DDPM-trained) or "flow" (flow matching): which schedulers fit
     size_factor: int = 8  # height and width must be multiples of this
     max_prompt_tokens: int = 77  # text encoder limit; longer prompts are truncated (recorded)
+    max_sequence_length: int | None = None  # T5 tokens (SD3, FLUX); None: the family's default (registry.families)
+    guidance_embeds: bool | None = None  # FLUX: dev (True) or schnell (False); None: read from transformer/config.json
     gpu_dtype: str = "float16"  # half precision that is safe for this model on a GPU
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     revision: str | None = None
@@ -68,7 +70,11 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         ModelSpec("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", "flow_match_euler", 40, 4.5, 1024, 1024,
                   pipeline="StableDiffusion3Pipeline", family="flow", size_factor=16, gpu_dtype="bfloat16"),
         ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flow_match_euler", 4, 0.0, 1024, 1024,
-                  pipeline="FluxPipeline", family="flow", size_factor=16, gpu_dtype="bfloat16"),
+                  pipeline="FluxPipeline", family="flow", size_factor=16, gpu_dtype="bfloat16",
+                  max_sequence_length=256, guidance_embeds=False),
+        ModelSpec("flux-dev", "black-forest-labs/FLUX.1-dev", "flow_match_euler", 50, 3.5, 1024, 1024,
+                  pipeline="FluxPipeline", family="flow", size_factor=16, gpu_dtype="bfloat16",
+                  max_sequence_length=512, guidance_embeds=True),
     ]
 }
 
@@ -132,6 +138,9 @@ _FIELD_TYPES: dict[str, tuple] = {
     "family": (lambda v: v in ("eps", "flow") and isinstance(v, str), "'eps' (DDPM-trained) or 'flow' (flow matching)"),
     "size_factor": (_positive_int, "a positive integer"),
     "max_prompt_tokens": (_positive_int, "a positive integer"),
+    "max_sequence_length": (lambda v: v is None or _positive_int(v), "a positive integer (T5 tokens) or null"),
+    "guidance_embeds": (lambda v: v is None or isinstance(v, bool),
+                        "true (FLUX-dev: guidance is embedded), false (FLUX-schnell) or null (read the transformer config)"),
     "gpu_dtype": (lambda v: isinstance(v, str) and v in ("float16", "bfloat16", "float32"),
                   "float16, bfloat16 or float32"),
     "variant": (lambda v: v is None or _text(v), "a weight variant name (e.g. fp16) or null"),

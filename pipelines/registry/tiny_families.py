@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import string
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -154,6 +155,9 @@ TINY_FAMILIES: dict[str, tuple] = {
                                                width=32, size_factor=16)),
     "tiny-flux": (build_tiny_flux_pipeline, dict(pipeline="FluxPipeline", family="flow", scheduler="flow_match_euler",
                                                  steps=4, guidance=0.0, height=32, width=32, size_factor=16)),
+    "tiny-flux-dev": (partial(build_tiny_flux_pipeline, guidance_embeds=True),
+                      dict(pipeline="FluxPipeline", family="flow", scheduler="flow_match_euler", steps=4, guidance=3.5,
+                           height=32, width=32, size_factor=16)),
 }
 
 
