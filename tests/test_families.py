@@ -149,6 +149,10 @@ def test_transformer_families_run_in_process_with_long_prompts(registry):
     ("tiny-sdxl", "scheduler", "flow_match_euler", "one of: ddim"),
     ("tiny-sd3", "cache_interval", 2, "needs a UNet model"),
     ("tiny-flux", "height", 40, "a multiple of 16"),
+    ("tiny-flux", "guidance", 4.0, "no guidance embedding (guidance_embeds false"),
+    ("tiny-flux", "negative_prompt", "blue", "a negative prompt only for true CFG"),
+    ("tiny-flux-dev", "negative_prompt", "blue", "a negative prompt only for true CFG"),
+    ("tiny-sdxl", "true_cfg_scale", 2.0, "FluxPipeline's true CFG"),
 ])
 def test_bad_family_combinations_are_refused_at_validation(registry, model, column, value, expected):
     row = {"prompt": "a red circle", "model": model, column: value}
@@ -170,3 +174,148 @@ def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(registr
     sd3 = generate(load_model(registry.get("tiny-sd3")), rows("tiny-sd3"))
     assert [r.status for r in sd3] == ["error", "error"]
     assert all("needs a UNet pipeline" in r.error and "SD3Transformer2DModel" in r.error for r in sd3), sd3[0].error
+
+
+def as_manifest_rows(rows: list[dict]) -> list[dict]:
+    """Sweep rows as validated manifest rows (the job's sample_id is the tag here)."""
+    return [dict(r, sample_id=r["tag"], cache_interval=1) for r in rows]
+
+
+def diffusers_pixels(pipe, **kwargs) -> np.ndarray:
+    """The pipeline called directly, as a user would, to uint8 pixels."""
+    with torch.inference_mode():
+        images = pipe(output_type="np", height=32, width=32, **kwargs).images
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max())
+
+
+def flux_rows(name: str, guidance: float, true_cfg: float, negative: str, steps: int = 3) -> list[dict]:
+    return [dict(sample_id=f"{name}-{guidance}-{true_cfg}-{i}", prompt="a red circle", negative_prompt=negative, seed=i,
+                 model=name, scheduler="flow_match_euler", steps=steps, guidance=guidance, true_cfg_scale=true_cfg,
+                 height=32, width=32, cache_interval=1) for i in (1, 2)]
+
+
+@pytest.mark.parametrize("name, embeds, text_length, cases", [
+    # FLUX-dev: `guidance` is the distilled guidance (an input of the transformer); true CFG on top
+    ("tiny-flux-dev", True, 512, [(2.0, 1.0, ""), (5.0, 1.0, ""), (2.0, 3.0, "blue"), (2.0, 3.0, "")]),
+    # FLUX-schnell: no guidance input; true CFG with or without a negative prompt
+    ("tiny-flux", False, 256, [(0.0, 1.0, ""), (0.0, 3.0, "blue")]),
+])
+def test_flux_guidance_is_fluxpipeline_s(registry, name, embeds, text_length, cases):
+    """Each FLUX row gives the pixels of FluxPipeline called directly with the same seed, guidance_scale,
+    true_cfg_scale, negative prompt and max_sequence_length; and each setting changes the image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.registry.families import guidance_embeds, max_sequence_length
+
+    spec = registry.get(name)
+    assert (guidance_embeds(spec), max_sequence_length(spec)) == (embeds, text_length)
+    model = load_model(spec)
+    assert model.pipe.transformer.config.guidance_embeds is embeds
+    images = []
+    for guidance, true_cfg, negative in cases:
+        ours = np.stack([r.pixels for r in generate(model, flux_rows(name, guidance, true_cfg, negative))])
+        model.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+        ref = diffusers_pixels(model.pipe, prompt=["a red circle"] * 2, num_inference_steps=3, guidance_scale=guidance,
+                               true_cfg_scale=true_cfg, negative_prompt=[negative] * 2 if true_cfg > 1 else None,
+                               max_sequence_length=text_length, generator=row_generators([1, 2]))
+        assert max_diff(ours, ref) <= 1, (guidance, true_cfg, negative)
+        images.append(ours)
+    for i in range(len(images)):
+        for j in range(i):
+            assert max_diff(images[i], images[j]) > 1, (cases[i], cases[j])
+
+
+def test_flux_schnell_ignores_guidance_so_the_manifest_refuses_it(registry):
+    """Why guidance is refused off schnell's default: FluxPipeline gives the same pixels at any guidance_scale."""
+    model = load_model(registry.get("tiny-flux"))
+    pixels = [diffusers_pixels(model.pipe, prompt="a red circle", num_inference_steps=2, guidance_scale=g,
+                               generator=row_generators([1])) for g in (0.0, 7.0)]
+    assert max_diff(*pixels) == 0
+    keys = ("model", "guidance", "negative_prompt", "true_cfg_scale")
+    ok = [dict(zip(keys, v), prompt="a red circle") for v in [("tiny-flux-dev", 4.0, None, None),
+                                                             ("tiny-flux", None, "blue", 2.0),
+                                                             ("tiny-sdxl", 5.0, "blue", None)]]
+    t = validate_manifest(pa.Table.from_pylist(ok), registry)
+    assert t.column("true_cfg_scale").to_pylist() == [1.0, 2.0, 1.0]
+    assert t.column("guidance").to_pylist() == [4.0, 0.0, 5.0]
+
+
+def test_t5_text_length_per_model_is_passed_and_recorded(registry):
+    """A registry max_sequence_length reaches the pipeline (the T5 encoder reads that many tokens; same
+    pixels as diffusers called with it) and a prompt or a read negative prompt longer is recorded as truncated."""
+    from dataclasses import replace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    spec = replace(registry.get("tiny-sd3"), max_sequence_length=4)
+    model = load_model(spec)
+    prompt = "a red circle painting"  # 5 T5 tokens with </s>, well under CLIP's 77
+    rows = [dict(sample_id=f"t5-{i}", prompt=p, negative_prompt=n, seed=1, model=spec.name,
+                 scheduler="flow_match_euler", steps=2, guidance=4.0, true_cfg_scale=1.0, height=32, width=32,
+                 cache_interval=1) for i, (p, n) in enumerate([(prompt, ""), ("a cat", ""), ("a cat", prompt)])]
+    def t5_lengths(model, rows) -> set:
+        """The token counts the T5 encoder sees in a generate call: the pipeline's max_sequence_length."""
+        seen = []
+        hook = model.pipe.text_encoder_3.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        try:
+            results.extend(generate(model, rows, batch_sizes=1))
+        finally:
+            hook.remove()
+        return set(seen)
+
+    results = []
+    assert t5_lengths(model, rows) == {4}
+    assert [r.prompt_truncated for r in results] == [True, False, True]
+    model.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    ref = diffusers_pixels(model.pipe, prompt=prompt, negative_prompt="", num_inference_steps=2, guidance_scale=4.0,
+                           max_sequence_length=4, generator=row_generators([1]))[0]
+    assert max_diff(results[0].pixels, ref) <= 1
+    results.clear()
+    assert t5_lengths(load_model(registry.get("tiny-sd3")), rows) == {256}  # the default: diffusers' for SD3
+    assert [r.prompt_truncated for r in results] == [False, False, False]
+
+
+def test_negative_prompts_longer_than_clip_are_recorded_when_read(registry):
+    """prompt_truncated counts a negative prompt that the pipeline reads and cuts (both SDXL CLIPs at 77)."""
+    long_text = " ".join(["a red circle"] * 40)
+    model = load_model(registry.get("tiny-sdxl"))
+    rows = [dict(sample_id=f"neg-{g}", prompt="a cat", negative_prompt=long_text, seed=1, model="tiny-sdxl",
+                 scheduler="euler", steps=2, guidance=g, true_cfg_scale=1.0, height=32, width=32, cache_interval=1)
+            for g in (1.0, 4.0)]
+    assert [r.prompt_truncated for r in generate(model, rows)] == [False, True]  # read only with CFG (guidance > 1)
+
+
+def test_sdxl_size_conditioning_is_the_rows_size(registry):
+    """SDXL's added time ids are (original_size, crop top-left, target_size) = ((h, w), (0, 0), (h, w)),
+    diffusers' defaults for the row's height and width, for every row of a batch."""
+    model = load_model(registry.get("tiny-sdxl"))
+    seen = []
+    hook = model.pipe.unet.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+    try:
+        rows = [dict(sample_id=f"xl-{i}", prompt="a cat", negative_prompt="", seed=i, model="tiny-sdxl",
+                     scheduler="euler", steps=2, guidance=4.0, true_cfg_scale=1.0, height=32, width=48,
+                     cache_interval=1) for i in (1, 2)]
+        assert [r.pixels.shape for r in generate(model, rows)] == [(32, 48, 3)] * 2
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and all(t.shape == (4, 6) for t in seen)  # 2 steps; 2 rows x (uncond, cond)
+    assert all((t == torch.tensor([32.0, 48.0, 0.0, 0.0, 32.0, 48.0])).all() for t in seen)
+
+
+@pytest.mark.parametrize("model", sorted(SWEEPS) + ["tiny-random"])
+def test_batch_size_does_not_change_pixels(registry, family_sweep, model):
+    """Acceptance: the same rows at batch size 1 and 8 give the same pixels within 1/255, and the
+    job's (batch size 4, mixed-model batches) too."""
+    rows, df = family_sweep
+    mine = as_manifest_rows([r for r in rows if r["model"] == model])
+    loaded = load_model(registry.get(model))
+    one, eight = ([r.pixels for r in generate(loaded, mine, batch_sizes=n)] for n in (1, 8))
+    job = dict(zip(df.tag, df.image))
+    for r, a, b in zip(mine, one, eight):
+        assert max_diff(a, b) <= 1, r["tag"]
+        assert max_diff(a, np.asarray(Image.open(io.BytesIO(job[r["tag"]])).convert("RGB"))) <= 1, r["tag"]

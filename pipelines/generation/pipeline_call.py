@@ -46,7 +46,7 @@ def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
     if text_length is not None:
         kwargs["max_sequence_length"] = text_length
     truncated = prompts_truncated(pipe, prompts, model.spec.max_prompt_tokens, text_length)
-    if "negative_prompt" in kwargs:  # read by the pipeline: cut like the prompt
+    if "negative_prompt" in kwargs:  # read by the pipeline, so cut like the prompt
         cut = prompts_truncated(pipe, negatives, model.spec.max_prompt_tokens, text_length)
         truncated = [a or b for a, b in zip(truncated, cut)]
     sync(model.device)
@@ -61,10 +61,11 @@ def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
 def guidance_kwargs(model: LoadedModel, guidance: float, true_cfg_scale: float, negatives: list[str]) -> dict:
     """What the family's pipeline takes besides `guidance_scale` (pipelines.registry.families):
     FLUX's true CFG (`true_cfg_scale` with the negative prompts, empty ones included) when
-    asked for; the negative prompts of a CFG pipeline when it guides or any row has one."""
+    asked for; the negative prompts of a CFG pipeline when it guides (guidance > 1: below, the
+    pipeline does not read them). A negative prompt is passed exactly when it is read."""
     if pipeline_name(model.spec) == FLUX:
         return dict(true_cfg_scale=float(true_cfg_scale), negative_prompt=negatives) if true_cfg_scale > 1 else {}
-    return dict(negative_prompt=negatives) if guidance > 1 or any(negatives) else {}
+    return dict(negative_prompt=negatives) if guidance > 1 else {}
 
 
 def feature_reuse(pipe, cache_interval: int):
