@@ -151,7 +151,7 @@ def _check_columns(table: pa.Table, registry: ModelRegistry, default_model: str,
 
 def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
     """What depends on the row's model: its scheduler family, the scheduler's step limit,
-    the image size factor, feature reuse (UNet models only), and guidance and negative prompts
+    the image size factor, feature reuse (UNet models only), a refiner for denoising_end < 1, and guidance and negative prompts
     the model's pipeline would ignore (pipelines.registry.families)."""
     models, schedulers = values["model"], values["scheduler"]
     checked: dict[tuple, str | None] = {}  # (model, scheduler) -> why it cannot run, or None
@@ -184,6 +184,11 @@ def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
         if v is not None and v > 1 and m in specs and specs[m].family == "flow":
             out.add(i, "cache_interval", v, f"1 for model {m!r}: feature reuse (cache_interval > 1) needs a UNet model, "
                                             f"and {m!r} is a flow-matching transformer")
+    for i, (v, m) in enumerate(zip(values["denoising_end"], models)):
+        if v is not None and m in specs and (v <= 0 or v < 1 and not specs[m].refiner):
+            out.add(i, "denoising_end", v, f"1 for model {m!r}: it has no refiner (set 'refiner: <model>' in the models "
+                                           "YAML)" if specs[m].refiner is None else
+                                           "a fraction in (0, 1]: the base denoises that much, the refiner the rest")
     guided = zip(models, values["guidance"], values["negative_prompt"], values["true_cfg_scale"])
     for i, (m, g, neg, cfg) in enumerate(guided):
         bad = m in specs and g is not None and cfg is not None and guidance_problem(specs[m], g, neg or "", cfg)

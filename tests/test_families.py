@@ -44,6 +44,12 @@ def registry(models_yaml):
     return ModelRegistry.with_user_file(models_yaml)
 
 
+# SDXL base+refiner rows (the ensemble-of-experts handoff at 60 % of 5 steps), in the same job
+REFINED_ROWS = [dict(prompt="a red circle", model="tiny-sdxl", scheduler="euler", steps=5, guidance=4.0, seed=s,
+                     true_cfg_scale=1.0, denoising_end=0.6, height=32, width=32, negative_prompt=n,
+                     tag=f"tiny-sdxl|euler|32|refined|{s}") for s, n in ((1, ""), (2, "blue"))]
+
+
 def sweep_rows(model: str) -> list[dict]:
     schedulers, sizes, axis, negatives = SWEEPS[model]
     rows = []
@@ -68,6 +74,7 @@ def family_sweep(tmp_path_factory, ray_local, models_yaml):
     rows += [dict(prompt="a blue square", model="tiny-random", scheduler="pndm", steps=2, guidance=4.0, seed=s,
                   true_cfg_scale=1.0, height=32, width=32, negative_prompt="", tag=f"tiny-random|pndm|32|{s}")
              for s in (1, 2)]
+    rows += REFINED_ROWS
     tmp = tmp_path_factory.mktemp("family-sweep")
     manifest = write_parquet(tmp / "manifest.parquet", rows)
     out = tmp / "out"
@@ -90,12 +97,12 @@ def assert_complete(df: pd.DataFrame, rows: list[dict]):
 def test_family_sweep_runs_through_the_job(family_sweep, model):
     rows, df = family_sweep
     mine = [r for r in rows if r["model"] == model]
-    assert len(mine) == 16
+    assert len(mine) == 16 + (len(REFINED_ROWS) if model == "tiny-sdxl" else 0)
     df = df[df.model == model]
     assert_complete(df, mine)
     assert df.model_digest.nunique() == 1
-    for col in ("scheduler", "steps", "guidance", "true_cfg_scale", "seed", "negative_prompt"):
-        assert sorted(df[col]) == sorted(r[col] for r in mine), col
+    for col in ("scheduler", "steps", "guidance", "true_cfg_scale", "seed", "negative_prompt", "denoising_end"):
+        assert sorted(df[col]) == sorted(r.get(col, 1.0) for r in mine), col
 
 
 def test_mixed_family_manifest_finishes_every_row(family_sweep):
@@ -153,6 +160,8 @@ def test_transformer_families_run_in_process_with_long_prompts(registry):
     ("tiny-flux", "negative_prompt", "blue", "a negative prompt only for true CFG"),
     ("tiny-flux-dev", "negative_prompt", "blue", "a negative prompt only for true CFG"),
     ("tiny-sdxl", "true_cfg_scale", 2.0, "FluxPipeline's true CFG"),
+    ("tiny-sd3", "denoising_end", 0.5, "it has no refiner"),
+    ("tiny-sdxl", "denoising_end", 0.0, "a fraction in (0, 1]"),
 ])
 def test_bad_family_combinations_are_refused_at_validation(registry, model, column, value, expected):
     row = {"prompt": "a red circle", "model": model, column: value}
@@ -313,9 +322,47 @@ def test_batch_size_does_not_change_pixels(registry, family_sweep, model):
     job's (batch size 4, mixed-model batches) too."""
     rows, df = family_sweep
     mine = as_manifest_rows([r for r in rows if r["model"] == model])
-    loaded = load_model(registry.get(model))
+    loaded = load_with_refiner(registry, model)
     one, eight = ([r.pixels for r in generate(loaded, mine, batch_sizes=n)] for n in (1, 8))
     job = dict(zip(df.tag, df.image))
     for r, a, b in zip(mine, one, eight):
         assert max_diff(a, b) <= 1, r["tag"]
         assert max_diff(a, np.asarray(Image.open(io.BytesIO(job[r["tag"]])).convert("RGB"))) <= 1, r["tag"]
+
+
+def load_with_refiner(registry, name: str):
+    """A model as the worker loads it: with its refiner, if the registry gives it one."""
+    model = load_model(registry.get(name))
+    if model.spec.refiner:
+        model.extras["refiner"] = load_model(registry.get(model.spec.refiner))
+    return model
+
+
+def test_sdxl_base_and_refiner_rows_match_diffusers_recipe(registry, family_sweep):
+    """Rows with denoising_end < 1 give the pixels of diffusers' documented ensemble of experts called
+    directly (base with denoising_end and output_type="latent", the refiner img2img from denoising_start),
+    in process and through the job (whose workers load the refiner named by the models YAML)."""
+    from diffusers import EulerDiscreteScheduler
+
+    assert set(registry.with_refiners(["tiny-sdxl"])) == {"tiny-sdxl", "tiny-sdxl-refiner"}
+    model = load_with_refiner(registry, "tiny-sdxl")
+    rows = as_manifest_rows(REFINED_ROWS)
+    ours = np.stack([r.pixels for r in generate(model, rows)])
+    base, refiner = model.pipe, model.extras["refiner"].pipe
+    base.scheduler = EulerDiscreteScheduler.from_config(model.scheduler_config)
+    refiner.scheduler = EulerDiscreteScheduler.from_config(model.extras["refiner"].scheduler_config)
+    prompts, negatives = [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows]
+    with torch.inference_mode():
+        latents = base(prompt=prompts, negative_prompt=negatives, num_inference_steps=5, guidance_scale=4.0,
+                       denoising_end=0.6, output_type="latent", height=32, width=32,
+                       generator=row_generators([1, 2])).images
+        images = refiner(prompt=prompts, negative_prompt=negatives, num_inference_steps=5, guidance_scale=4.0,
+                         denoising_start=0.6, image=latents, generator=row_generators([1, 2]), output_type="np").images
+    ref = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    assert max_diff(ours, ref) <= 1
+    base_only = as_manifest_rows([dict(r, denoising_end=1.0, tag=r["tag"] + "-base") for r in REFINED_ROWS])
+    assert max_diff(ours, np.stack([r.pixels for r in generate(model, base_only)])) > 1  # the refiner ran
+    _, df = family_sweep
+    job = dict(zip(df.tag, df.image))
+    for r, px in zip(REFINED_ROWS, ref):
+        assert max_diff(np.asarray(Image.open(io.BytesIO(job[r["tag"]])).convert("RGB")), px) <= 1, r["tag"]

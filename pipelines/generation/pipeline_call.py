@@ -52,10 +52,26 @@ def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
     sync(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode(), feature_reuse(pipe, int(first.cache_interval)):
-        pixels, finite = to_pixels(pipe(**kwargs).images)
+        if first.denoising_end < 1:
+            pixels, finite = to_pixels(refine(model, first, kwargs, seeds))
+        else:
+            pixels, finite = to_pixels(pipe(**kwargs).images)
     per_image = (time.perf_counter() - t0) / len(rows)  # to_pixels ends with a copy to the host: synced
     return [image_result(row, px, ok, per_image, len(rows), trunc)
             for row, px, ok, trunc in zip(rows, pixels, finite, truncated)]
+
+
+def refine(model: LoadedModel, first: Row, kwargs: dict, seeds: list[int]) -> torch.Tensor:
+    """SDXL's ensemble of experts, as diffusers documents it: the base denoises until
+    `denoising_end` and hands over its latents (output_type="latent"), the refiner
+    (an img2img pipeline, the row's scheduler built from its own config) denoises the rest
+    from `denoising_start` = the same fraction, with the same prompts and guidance."""
+    refiner = model.extras["refiner"]
+    latents = model.pipe(**{**kwargs, "output_type": "latent"}, denoising_end=float(first.denoising_end)).images
+    refiner.pipe.scheduler = make_scheduler(first.scheduler, refiner.scheduler_config, refiner.spec.family, seeds=seeds)
+    stage = {k: kwargs[k] for k in ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale") if k in kwargs}
+    return refiner.pipe(**stage, image=latents, denoising_start=float(first.denoising_end),
+                        generator=row_generators(seeds), output_type="pt").images
 
 
 def guidance_kwargs(model: LoadedModel, guidance: float, true_cfg_scale: float, negatives: list[str]) -> dict:
@@ -85,7 +101,7 @@ def probe_row(spec, height: int, width: int, seed: int = 0) -> Row:
     """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with CFG."""
     return Row(sample_id=f"probe-{seed}", prompt="probe", negative_prompt="", seed=seed, model=spec.name,
                scheduler=spec.scheduler, steps=2, guidance=max(spec.guidance, 2.0), height=height, width=width,
-               true_cfg_scale=1.0, cache_interval=1)
+               true_cfg_scale=1.0, denoising_end=1.0, cache_interval=1)
 
 
 def measure_peaks(model: LoadedModel, height: int, width: int) -> tuple[int, int, int]:

@@ -63,8 +63,8 @@ def plan(manifest_path: str, out: str, *, model: str | None = None, models_file:
     if model is not None and model not in registry:
         raise InputError(f"--model {model!r}: not a registered model; registered: {', '.join(registry.names())}")
     manifest = validate_manifest(read_manifest(manifest_path), registry, model, source=f"manifest {manifest_path}")
-    for name in sorted(set(manifest.column("model").to_pylist())):
-        check_available(registry.get(name))
+    for spec in registry.with_refiners(sorted(set(manifest.column("model").to_pylist()))).values():
+        check_available(spec)
     digest = manifest_digest(manifest)
     store = ResultStore(out)
     check_out_location(store, manifest_path)

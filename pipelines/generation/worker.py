@@ -70,6 +70,8 @@ class GenerateActor:
             self.text_caches.pop(evicted, None)
             self.batch_sizes.pop(evicted, None)
         model = load_model(self.specs[name], self.device, self.dtype)
+        if model.spec.refiner:  # SDXL base+refiner: the refiner finishes rows with denoising_end < 1
+            model.extras["refiner"] = load_model(self.specs[model.spec.refiner], self.device, self.dtype)
         apply_speed_options(model.pipe, self.speed)
         warm_up(model)  # also pays torch.compile, if on
         self.models[name] = model

@@ -40,6 +40,7 @@ class ModelSpec:
     max_prompt_tokens: int = 77  # text encoder limit; longer prompts are truncated (recorded)
     max_sequence_length: int | None = None  # T5 tokens (SD3, FLUX); None: the family's default (registry.families)
     guidance_embeds: bool | None = None  # FLUX: dev (True) or schnell (False); None: read from transformer/config.json
+    refiner: str | None = None  # SDXL: a registered img2img model that finishes rows with denoising_end < 1
     gpu_dtype: str = "float16"  # half precision that is safe for this model on a GPU
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     revision: str | None = None
@@ -102,6 +103,11 @@ class ModelRegistry:
             raise ModelConfigError(f"unknown model {name!r}; registered models: {', '.join(self.names())}")
         return self.specs[name]
 
+    def with_refiners(self, names) -> dict[str, ModelSpec]:
+        """The specs of models `names` and of their refiners: what the workers must be able to load."""
+        specs = {n: self.get(n) for n in names}
+        return specs | {s.refiner: self.get(s.refiner) for s in list(specs.values()) if s.refiner}
+
     @classmethod
     def with_user_file(cls, path: str | os.PathLike | None) -> "ModelRegistry":
         """Built-ins plus (overridden by) the models of a user YAML file."""
@@ -141,6 +147,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "max_sequence_length": (lambda v: v is None or _positive_int(v), "a positive integer (T5 tokens) or null"),
     "guidance_embeds": (lambda v: v is None or isinstance(v, bool),
                         "true (FLUX-dev: guidance is embedded), false (FLUX-schnell) or null (read the transformer config)"),
+    "refiner": (lambda v: v is None or _text(v), "a registered refiner model's name (an SDXL img2img model) or null"),
     "gpu_dtype": (lambda v: isinstance(v, str) and v in ("float16", "bfloat16", "float32"),
                   "float16, bfloat16 or float32"),
     "variant": (lambda v: v is None or _text(v), "a weight variant name (e.g. fp16) or null"),
@@ -191,6 +198,10 @@ def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
         spec = replace(base, name=name, **entry) if base else ModelSpec(name=name, **entry)
         problems += [f"{where}, {p}" for p in _spec_problems(spec)]
         out[name] = spec
+    for name, spec in out.items():
+        if spec.refiner is not None and spec.refiner not in out and spec.refiner not in BUILTIN_MODELS:
+            problems.append(f"model {name!r}, key 'refiner': got {spec.refiner!r}; expected a model registered in this "
+                            f"file or built in ({', '.join(sorted(set(out) | set(BUILTIN_MODELS)))})")
     if problems:
         shown = "; ".join(problems[:_MAX_PROBLEMS])
         more = f"; ... and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
