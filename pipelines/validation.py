@@ -184,6 +184,11 @@ def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
         if v is not None and v > 1 and m in specs and specs[m].family == "flow":
             out.add(i, "cache_interval", v, f"1 for model {m!r}: feature reuse (cache_interval > 1) needs a UNet model, "
                                             f"and {m!r} is a flow-matching transformer")
+    img2img = {m for m in specs if pipeline_name(specs[m]).endswith("Img2ImgPipeline")}
+    for i, m in enumerate(models):
+        if m in img2img:
+            out.add(i, "model", m, f"a text-to-image model; {m!r} is an img2img refiner ({pipeline_name(specs[m])}): "
+                                   "name its base model, whose 'refiner' it is, with denoising_end < 1")
     for i, (v, m) in enumerate(zip(values["denoising_end"], models)):
         if v is not None and m in specs and (v <= 0 or v < 1 and not specs[m].refiner):
             out.add(i, "denoising_end", v, f"1 for model {m!r}: it has no refiner (set 'refiner: <model>' in the models "

@@ -44,6 +44,19 @@ def registry(models_yaml):
     return ModelRegistry.with_user_file(models_yaml)
 
 
+@pytest.fixture(scope="module")
+def loaded(registry):
+    """Each tiny model loaded once for the module's in-process tests, as a worker loads it (with its
+    refiner). Tests may swap its scheduler (every generate call builds its own) but leave no hooks."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_with_refiner(registry, name)
+        return cache[name]
+    return get
+
+
 # SDXL base+refiner rows (the ensemble-of-experts handoff at 60 % of 5 steps), in the same job
 REFINED_ROWS = [dict(prompt="a red circle", model="tiny-sdxl", scheduler="euler", steps=5, guidance=4.0, seed=s,
                      true_cfg_scale=1.0, denoising_end=0.6, height=32, width=32, negative_prompt=n,
@@ -111,18 +124,18 @@ def test_mixed_family_manifest_finishes_every_row(family_sweep):
     assert df.model_digest.nunique() == len(SWEEPS) + 1
 
 
-def test_v_prediction_is_kept_by_every_scheduler_swap(registry):
-    model = load_model(registry.get("tiny-sd2v"))
+def test_v_prediction_is_kept_by_every_scheduler_swap(loaded):
+    model = loaded("tiny-sd2v")
     assert model.scheduler_config["prediction_type"] == "v_prediction"
     for name in scheduler_names("eps"):
         assert make_scheduler(name, model.scheduler_config, "eps").config.prediction_type == "v_prediction", name
 
 
-def test_v_prediction_rows_match_diffusers_own_call(registry):
+def test_v_prediction_rows_match_diffusers_own_call(registry, loaded):
     """The job's path (scheduler built from the registry name) gives diffusers' pixels for that scheduler."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    model = load_model(registry.get("tiny-sd2v"))
+    model = loaded("tiny-sd2v")
     rows = [dict(sample_id=f"s{i}", prompt="a red circle", negative_prompt="", seed=i, model="tiny-sd2v",
                  scheduler="euler_a", steps=3, guidance=4.0, height=32, width=32, cache_interval=1) for i in (1, 2)]
     ours = np.stack([r.pixels for r in generate(model, rows)])
@@ -136,12 +149,12 @@ def test_v_prediction_rows_match_diffusers_own_call(registry):
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
 
 
-def test_transformer_families_run_in_process_with_long_prompts(registry):
+def test_transformer_families_run_in_process_with_long_prompts(loaded):
     """SD3 and FLUX through the grouped path (no `pipe.unet` touched at cache_interval 1), and a
     prompt longer than CLIP's 77 tokens recorded as truncated by a pipeline with several tokenizers."""
     long_prompt = " ".join(["a red circle"] * 40)
     for name in ("tiny-sd3", "tiny-flux", "tiny-sdxl"):
-        model = load_model(registry.get(name))
+        model = loaded(name)
         rows = [dict(sample_id=f"{name}-{i}", prompt=p, negative_prompt="", seed=i, model=name,
                      scheduler=TINY_FAMILIES[name][1]["scheduler"], steps=2, guidance=4.0, height=32, width=32,
                      cache_interval=1) for i, p in enumerate(["a cat", long_prompt])]
@@ -162,6 +175,7 @@ def test_transformer_families_run_in_process_with_long_prompts(registry):
     ("tiny-sdxl", "true_cfg_scale", 2.0, "FluxPipeline's true CFG"),
     ("tiny-sd3", "denoising_end", 0.5, "it has no refiner"),
     ("tiny-sdxl", "denoising_end", 0.0, "a fraction in (0, 1]"),
+    ("tiny-sdxl-refiner", "model", "tiny-sdxl-refiner", "is an img2img refiner"),
 ])
 def test_bad_family_combinations_are_refused_at_validation(registry, model, column, value, expected):
     row = {"prompt": "a red circle", "model": model, column: value}
@@ -170,7 +184,7 @@ def test_bad_family_combinations_are_refused_at_validation(registry, model, colu
     assert f"row 0, column {column!r}" in str(e.value) and expected in str(e.value), str(e.value)
 
 
-def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(registry):
+def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(loaded):
     """cache_interval 2: SDXL's UNet (text_time added conditioning) reuses features; on SD3 (a
     transformer, refused at validation) a row that gets past it is an error row saying why."""
     def rows(name):
@@ -178,9 +192,9 @@ def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(registr
                      scheduler=TINY_FAMILIES[name][1]["scheduler"], steps=4, guidance=4.0, height=32, width=32,
                      cache_interval=2) for i in (1, 2)]
 
-    sdxl = generate(load_model(registry.get("tiny-sdxl")), rows("tiny-sdxl"))
+    sdxl = generate(loaded("tiny-sdxl"), rows("tiny-sdxl"))
     assert [r.status for r in sdxl] == ["ok", "ok"], [r.error for r in sdxl]
-    sd3 = generate(load_model(registry.get("tiny-sd3")), rows("tiny-sd3"))
+    sd3 = generate(loaded("tiny-sd3"), rows("tiny-sd3"))
     assert [r.status for r in sd3] == ["error", "error"]
     assert all("needs a UNet pipeline" in r.error and "SD3Transformer2DModel" in r.error for r in sd3), sd3[0].error
 
@@ -213,7 +227,7 @@ def flux_rows(name: str, guidance: float, true_cfg: float, negative: str, steps:
     # FLUX-schnell: no guidance input; true CFG with or without a negative prompt
     ("tiny-flux", False, 256, [(0.0, 1.0, ""), (0.0, 3.0, "blue")]),
 ])
-def test_flux_guidance_is_fluxpipeline_s(registry, name, embeds, text_length, cases):
+def test_flux_guidance_is_fluxpipeline_s(registry, loaded, name, embeds, text_length, cases):
     """Each FLUX row gives the pixels of FluxPipeline called directly with the same seed, guidance_scale,
     true_cfg_scale, negative prompt and max_sequence_length; and each setting changes the image."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -222,7 +236,7 @@ def test_flux_guidance_is_fluxpipeline_s(registry, name, embeds, text_length, ca
 
     spec = registry.get(name)
     assert (guidance_embeds(spec), max_sequence_length(spec)) == (embeds, text_length)
-    model = load_model(spec)
+    model = loaded(name)
     assert model.pipe.transformer.config.guidance_embeds is embeds
     images = []
     for guidance, true_cfg, negative in cases:
@@ -238,9 +252,9 @@ def test_flux_guidance_is_fluxpipeline_s(registry, name, embeds, text_length, ca
             assert max_diff(images[i], images[j]) > 1, (cases[i], cases[j])
 
 
-def test_flux_schnell_ignores_guidance_so_the_manifest_refuses_it(registry):
+def test_flux_schnell_ignores_guidance_so_the_manifest_refuses_it(registry, loaded):
     """Why guidance is refused off schnell's default: FluxPipeline gives the same pixels at any guidance_scale."""
-    model = load_model(registry.get("tiny-flux"))
+    model = loaded("tiny-flux")
     pixels = [diffusers_pixels(model.pipe, prompt="a red circle", num_inference_steps=2, guidance_scale=g,
                                generator=row_generators([1])) for g in (0.0, 7.0)]
     assert max_diff(*pixels) == 0
@@ -253,7 +267,7 @@ def test_flux_schnell_ignores_guidance_so_the_manifest_refuses_it(registry):
     assert t.column("guidance").to_pylist() == [4.0, 0.0, 5.0]
 
 
-def test_t5_text_length_per_model_is_passed_and_recorded(registry):
+def test_t5_text_length_per_model_is_passed_and_recorded(registry, loaded):
     """A registry max_sequence_length reaches the pipeline (the T5 encoder reads that many tokens; same
     pixels as diffusers called with it) and a prompt or a read negative prompt longer is recorded as truncated."""
     from dataclasses import replace
@@ -284,24 +298,24 @@ def test_t5_text_length_per_model_is_passed_and_recorded(registry):
                            max_sequence_length=4, generator=row_generators([1]))[0]
     assert max_diff(results[0].pixels, ref) <= 1
     results.clear()
-    assert t5_lengths(load_model(registry.get("tiny-sd3")), rows) == {256}  # the default: diffusers' for SD3
+    assert t5_lengths(loaded("tiny-sd3"), rows) == {256}  # the default: diffusers' for SD3
     assert [r.prompt_truncated for r in results] == [False, False, False]
 
 
-def test_negative_prompts_longer_than_clip_are_recorded_when_read(registry):
+def test_negative_prompts_longer_than_clip_are_recorded_when_read(loaded):
     """prompt_truncated counts a negative prompt that the pipeline reads and cuts (both SDXL CLIPs at 77)."""
     long_text = " ".join(["a red circle"] * 40)
-    model = load_model(registry.get("tiny-sdxl"))
+    model = loaded("tiny-sdxl")
     rows = [dict(sample_id=f"neg-{g}", prompt="a cat", negative_prompt=long_text, seed=1, model="tiny-sdxl",
                  scheduler="euler", steps=2, guidance=g, true_cfg_scale=1.0, height=32, width=32, cache_interval=1)
             for g in (1.0, 4.0)]
     assert [r.prompt_truncated for r in generate(model, rows)] == [False, True]  # read only with CFG (guidance > 1)
 
 
-def test_sdxl_size_conditioning_is_the_rows_size(registry):
+def test_sdxl_size_conditioning_is_the_rows_size(loaded):
     """SDXL's added time ids are (original_size, crop top-left, target_size) = ((h, w), (0, 0), (h, w)),
     diffusers' defaults for the row's height and width, for every row of a batch."""
-    model = load_model(registry.get("tiny-sdxl"))
+    model = loaded("tiny-sdxl")
     seen = []
     hook = model.pipe.unet.register_forward_pre_hook(
         lambda _, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
@@ -316,18 +330,44 @@ def test_sdxl_size_conditioning_is_the_rows_size(registry):
     assert all((t == torch.tensor([32.0, 48.0, 0.0, 0.0, 32.0, 48.0])).all() for t in seen)
 
 
-@pytest.mark.parametrize("model", sorted(SWEEPS) + ["tiny-random"])
-def test_batch_size_does_not_change_pixels(registry, family_sweep, model):
-    """Acceptance: the same rows at batch size 1 and 8 give the same pixels within 1/255, and the
-    job's (batch size 4, mixed-model batches) too."""
-    rows, df = family_sweep
-    mine = as_manifest_rows([r for r in rows if r["model"] == model])
-    loaded = load_with_refiner(registry, model)
-    one, eight = ([r.pixels for r in generate(loaded, mine, batch_sizes=n)] for n in (1, 8))
-    job = dict(zip(df.tag, df.image))
-    for r, a, b in zip(mine, one, eight):
-        assert max_diff(a, b) <= 1, r["tag"]
-        assert max_diff(a, np.asarray(Image.open(io.BytesIO(job[r["tag"]])).convert("RGB"))) <= 1, r["tag"]
+def batch_rows(model: str) -> list[dict]:
+    """Eight rows of one configuration (so batch size 8 is one call of 8), half with a negative prompt
+    where the family reads one; "tiny-sdxl+refiner": SDXL rows handed to the refiner at 60 %."""
+    name, refined = model.split("+")[0], model.endswith("+refiner")
+    flux = name.startswith("tiny-flux")
+    return [dict(sample_id=f"{model}-{seed}", prompt="a red circle", negative_prompt="blue" if seed % 2 else "",
+                 seed=seed, model=name, scheduler=TINY_FAMILIES[name][1]["scheduler"] if name in TINY_FAMILIES
+                 else "euler_a", steps=3, guidance=TINY_FAMILIES[name][1]["guidance"] if flux else 4.0,
+                 true_cfg_scale=2.0 if flux else 1.0, denoising_end=0.6 if refined else 1.0, height=32, width=32,
+                 cache_interval=1) for seed in range(8)]
+
+
+@pytest.mark.parametrize("model", sorted(SWEEPS) + ["tiny-sdxl+refiner", "tiny-random"])
+def test_batch_size_does_not_change_pixels(registry, loaded, model):
+    """Acceptance: the same rows at batch size 1 and 8 give the same pixels within 1/255, for every
+    family (stochastic euler_a on SD 1.x, true CFG on FLUX, the refiner's handoff on SDXL)."""
+    rows = batch_rows(model)
+    pipe = loaded(rows[0]["model"]) if rows[0]["model"] in TINY_FAMILIES else load_model(registry.get("tiny-random"))
+    one, eight = (generate(pipe, rows, batch_sizes=n) for n in (1, 8))
+    assert [r.batch_size for r in one] == [1] * 8 and [r.batch_size for r in eight] == [8] * 8
+    for r, a, b in zip(rows, one, eight):
+        assert a.status == b.status == "ok", (a.error, b.error)
+        assert max_diff(a.pixels, b.pixels) <= 1, r["sample_id"]
+
+
+@pytest.mark.parametrize("models, expected", [
+    ("a: {base: sd15, refiner: b}", "a refiner finishes SDXL base models only"),
+    ("a: {base: sdxl, refiner: zz}", "expected a model registered in this file or built in"),
+    ("a: {base: sdxl, refiner: sd15}", "expected an SDXL img2img model"),
+])
+def test_bad_refiner_settings_are_refused(tmp_path, models, expected):
+    from pipelines.registry.models import ModelConfigError, load_models_yaml
+
+    path = tmp_path / "models.yaml"
+    path.write_text(f"models:\n  {models}\n  b: {{base: sdxl, pipeline: StableDiffusionXLImg2ImgPipeline}}\n")
+    with pytest.raises(ModelConfigError) as e:
+        load_models_yaml(path)
+    assert "model 'a', key 'refiner'" in str(e.value) and expected in str(e.value), str(e.value)
 
 
 def load_with_refiner(registry, name: str):
@@ -338,14 +378,14 @@ def load_with_refiner(registry, name: str):
     return model
 
 
-def test_sdxl_base_and_refiner_rows_match_diffusers_recipe(registry, family_sweep):
+def test_sdxl_base_and_refiner_rows_match_diffusers_recipe(registry, loaded, family_sweep):
     """Rows with denoising_end < 1 give the pixels of diffusers' documented ensemble of experts called
     directly (base with denoising_end and output_type="latent", the refiner img2img from denoising_start),
     in process and through the job (whose workers load the refiner named by the models YAML)."""
     from diffusers import EulerDiscreteScheduler
 
     assert set(registry.with_refiners(["tiny-sdxl"])) == {"tiny-sdxl", "tiny-sdxl-refiner"}
-    model = load_with_refiner(registry, "tiny-sdxl")
+    model = loaded("tiny-sdxl")
     rows = as_manifest_rows(REFINED_ROWS)
     ours = np.stack([r.pixels for r in generate(model, rows)])
     base, refiner = model.pipe, model.extras["refiner"].pipe

@@ -198,15 +198,35 @@ def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
         spec = replace(base, name=name, **entry) if base else ModelSpec(name=name, **entry)
         problems += [f"{where}, {p}" for p in _spec_problems(spec)]
         out[name] = spec
-    for name, spec in out.items():
-        if spec.refiner is not None and spec.refiner not in out and spec.refiner not in BUILTIN_MODELS:
-            problems.append(f"model {name!r}, key 'refiner': got {spec.refiner!r}; expected a model registered in this "
-                            f"file or built in ({', '.join(sorted(set(out) | set(BUILTIN_MODELS)))})")
+    problems += _refiner_problems(out)
     if problems:
         shown = "; ".join(problems[:_MAX_PROBLEMS])
         more = f"; ... and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
         raise ModelConfigError(f"--models {path}: {len(problems)} problem(s): {shown}{more}")
     return out
+
+
+def _refiner_problems(specs: dict[str, ModelSpec]) -> list[str]:
+    """A refiner is an SDXL img2img model, registered, and only SDXL base models have one (the
+    ensemble-of-experts handoff is SDXL's: denoising_end / denoising_start)."""
+    from pipelines.registry.families import pipeline_name
+
+    problems = []
+    for name, spec in specs.items():
+        if spec.refiner is None:
+            continue
+        where = f"model {name!r}, key 'refiner'"
+        refiner = specs.get(spec.refiner, BUILTIN_MODELS.get(spec.refiner))
+        if pipeline_name(spec) != "StableDiffusionXLPipeline":
+            problems.append(f"{where}: got {spec.refiner!r}; a refiner finishes SDXL base models only "
+                            f"(StableDiffusionXLPipeline), and {name!r} is a {pipeline_name(spec)}")
+        elif refiner is None:
+            problems.append(f"{where}: got {spec.refiner!r}; expected a model registered in this file or built in "
+                            f"({', '.join(sorted(set(specs) | set(BUILTIN_MODELS)))})")
+        elif pipeline_name(refiner) not in ("StableDiffusionXLImg2ImgPipeline", "auto"):
+            problems.append(f"{where}: got {spec.refiner!r}, a {pipeline_name(refiner)}; expected an SDXL img2img "
+                            "model (StableDiffusionXLImg2ImgPipeline)")
+    return problems
 
 
 def _entry_problems(entry: dict) -> list[str]:
