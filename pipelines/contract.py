@@ -72,8 +72,13 @@ class Row:
                        example=(10, 25))
     guidance: float = column(pa.float64(), FROM_MODEL, lo=0, run_key=True, sweep="guidance", example=(1.0, 7.5),
                              doc="<= 1 disables classifier-free guidance")
+    true_cfg_scale: float = column(pa.float64(), 1.0, lo=0, run_key=True, sweep="true_cfg_scales", example=(1.0, 4.0),
+                                   doc="FLUX's true classifier-free guidance with the negative prompt; <= 1 off")
     height: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
     width: int = column(pa.int64(), FROM_MODEL, lo=8, hi=MAX_SIDE, run_key=True, sweep="sizes")
+    denoising_end: float = column(pa.float64(), 1.0, lo=0, hi=1, run_key=True, sweep="denoising_ends",
+                                  example=(0.8, 1.0), doc="SDXL base+refiner handoff: the base denoises this fraction, "
+                                  "the model's refiner the rest; 1 = base only")
     cache_interval: int = column(pa.int64(), 1, lo=1, hi=MAX_STEPS, run_key=True, sweep="cache_intervals", example=(1, 3),
                                  doc="feature reuse: a full UNet call every N-th step (1 = off)")
     quant: str = column(pa.string(), "none", run_key=True, sweep="quants", example=("none", "int8wo"),

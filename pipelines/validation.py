@@ -16,6 +16,7 @@ import pyarrow as pa
 from pipelines.contract import (COLUMN, FROM_MODEL, MANIFEST_COLUMNS, MANIFEST_SCHEMA, MAX_STEPS, RESULT_COLUMNS,
                                 RUN_KEY, SEED_LIMIT, default_seed, sample_id)
 from pipelines.errors import InputError
+from pipelines.registry.families import guidance_problem, pipeline_name
 from pipelines.registry.models import ModelRegistry
 from pipelines.registry.quant import scheme_problem
 from pipelines.registry.schedulers import check_scheduler, local_scheduler_config, max_steps, scheduler_names
@@ -158,7 +159,8 @@ def _check_columns(table: pa.Table, registry: ModelRegistry, default_model: str,
 
 def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
     """What depends on the row's model: its scheduler family, the scheduler's step limit,
-    the image size factor, and feature reuse (UNet models only)."""
+    the image size factor, feature reuse (UNet models only), a refiner for denoising_end < 1, and guidance and negative prompts
+    the model's pipeline would ignore (pipelines.registry.families)."""
     models, schedulers = values["model"], values["scheduler"]
     checked: dict[tuple, str | None] = {}  # (model, scheduler) -> why it cannot run, or None
     limits: dict[tuple, tuple | None] = {}  # (model, scheduler) -> (max steps, why) or None
@@ -190,6 +192,21 @@ def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
         if v is not None and v > 1 and m in specs and specs[m].family == "flow":
             out.add(i, "cache_interval", v, f"1 for model {m!r}: feature reuse (cache_interval > 1) needs a UNet model, "
                                             f"and {m!r} is a flow-matching transformer")
+    img2img = {m for m in specs if pipeline_name(specs[m]).endswith("Img2ImgPipeline")}
+    for i, m in enumerate(models):
+        if m in img2img:
+            out.add(i, "model", m, f"a text-to-image model; {m!r} is an img2img refiner ({pipeline_name(specs[m])}): "
+                                   "name its base model, whose 'refiner' it is, with denoising_end < 1")
+    for i, (v, m) in enumerate(zip(values["denoising_end"], models)):
+        if v is not None and m in specs and (v <= 0 or v < 1 and not specs[m].refiner):
+            out.add(i, "denoising_end", v, f"1 for model {m!r}: it has no refiner (set 'refiner: <model>' in the models "
+                                           "YAML)" if specs[m].refiner is None else
+                                           "a fraction in (0, 1]: the base denoises that much, the refiner the rest")
+    guided = zip(models, values["guidance"], values["negative_prompt"], values["true_cfg_scale"])
+    for i, (m, g, neg, cfg) in enumerate(guided):
+        bad = m in specs and g is not None and cfg is not None and guidance_problem(specs[m], g, neg or "", cfg)
+        if bad:
+            out.add(i, bad[0], {"guidance": g, "negative_prompt": neg, "true_cfg_scale": cfg}[bad[0]], bad[1])
 
 
 def _loras(names, scales, models, specs, registry: ModelRegistry, out: _Collector) -> tuple[list, list]:
@@ -226,24 +243,11 @@ _UNDRIVABLE = {
 
 def _pipeline_refuses(spec, scheduler: str) -> str | None:
     """Why the model's pipeline class cannot run `scheduler` (a scheduler of the model's family), or None."""
-    why = _UNDRIVABLE.get(_pipeline_name(spec), {}).get(scheduler)
+    why = _UNDRIVABLE.get(pipeline_name(spec), {}).get(scheduler)
     if why is None:
         return None
-    usable = [n for n in scheduler_names(spec.family) if n not in _UNDRIVABLE[_pipeline_name(spec)]]
+    usable = [n for n in scheduler_names(spec.family) if n not in _UNDRIVABLE[pipeline_name(spec)]]
     return f"one of: {', '.join(usable)} for model {spec.name!r} ({why})"
-
-
-def _pipeline_name(spec) -> str:
-    """The model's pipeline class name: its registry entry's, else (auto) a local model_index.json's."""
-    if spec.pipeline != "auto":
-        return spec.pipeline
-    import json
-    from pathlib import Path
-
-    try:
-        return str(json.loads((Path(spec.source).expanduser() / "model_index.json").read_text()).get("_class_name"))
-    except (OSError, ValueError, AttributeError):
-        return "auto"
 
 
 def _sample_ids(given: list, rows: list[dict], out: _Collector) -> list[str]:

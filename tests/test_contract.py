@@ -79,5 +79,5 @@ print("ok")
 def test_rows_are_typed_records_with_defaults_for_columns_added_later():
     r = Row.of(dict(sample_id="x", model="embedded", prompt="a", negative_prompt="", seed=3, scheduler="ddim",
                     steps=4, guidance=2.0, height=64, width=64, my_column="kept elsewhere"))
-    assert r.cache_interval == 1 and r.lora == "" and r.config() == (64, 64, "ddim", 4, 2.0, 1, "", 1.0)
+    assert r.cache_interval == 1 and r.lora == "" and r.config() == (64, 64, "ddim", 4, 2.0, 1.0, 1.0, 1, "", 1.0)
     assert isinstance(pa.scalar(r.seed, MANIFEST_SCHEMA.field("seed").type).as_py(), int)

@@ -20,14 +20,17 @@ from pipelines.seeding import row_generators
 from pipelines.validation import ManifestError, validate_manifest
 from tests.conftest import write_parquet
 
-# family -> (schedulers valid for it, image sizes, whether half the rows get a negative prompt).
-# FLUX has one: FluxPipeline cannot drive flow_match_heun (refused at validation), so its
-# sweep's second axis is the image size (FLUX's shift depends on it).
+# family -> (schedulers valid for it, image sizes, the guidance axis, whether half the rows get a
+# negative prompt). FLUX has one scheduler: FluxPipeline cannot drive flow_match_heun (refused at
+# validation), so its sweep's second axis is the image size (FLUX's shift depends on it).
+# FLUX-schnell ignores `guidance` (refused off its default): its guidance axis is true CFG,
+# with the negative prompts on the true-CFG rows (FluxPipeline reads them only there).
 SWEEPS = {
-    "tiny-sd2v": (["ddim", "euler_a"], [32], True),
-    "tiny-sdxl": (["euler", "dpmpp_2m"], [32], True),
-    "tiny-sd3": (["flow_match_euler", "flow_match_heun"], [32], True),
-    "tiny-flux": (["flow_match_euler"], [32, 48], False),
+    "tiny-sd2v": (["ddim", "euler_a"], [32], "guidance", True),
+    "tiny-sdxl": (["euler", "dpmpp_2m"], [32], "guidance", True),
+    "tiny-sd3": (["flow_match_euler", "flow_match_heun"], [32], "guidance", True),
+    "tiny-flux": (["flow_match_euler"], [32, 48], "true_cfg_scale", True),
+    "tiny-flux-dev": (["flow_match_euler"], [32, 48], "guidance", False),
 }
 
 
@@ -41,18 +44,38 @@ def registry(models_yaml):
     return ModelRegistry.with_user_file(models_yaml)
 
 
+@pytest.fixture(scope="module")
+def loaded(registry):
+    """Each tiny model loaded once for the module's in-process tests, as a worker loads it (with its
+    refiner). Tests may swap its scheduler (every generate call builds its own) but leave no hooks."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_with_refiner(registry, name)
+        return cache[name]
+    return get
+
+
+# SDXL base+refiner rows (the ensemble-of-experts handoff at 60 % of 5 steps), in the same job
+REFINED_ROWS = [dict(prompt="a red circle", model="tiny-sdxl", scheduler="euler", steps=5, guidance=4.0, seed=s,
+                     true_cfg_scale=1.0, denoising_end=0.6, height=32, width=32, negative_prompt=n,
+                     tag=f"tiny-sdxl|euler|32|refined|{s}") for s, n in ((1, ""), (2, "blue"))]
+
+
 def sweep_rows(model: str) -> list[dict]:
-    schedulers, sizes, negatives = SWEEPS[model]
+    schedulers, sizes, axis, negatives = SWEEPS[model]
     rows = []
     for sched in schedulers:
         for size in sizes:
             for steps in (2, 3):
-                for guidance in (1.0, 4.0):
+                for scale in (1.0, 4.0):
                     for seed in (1, 2):
+                        negative = negatives and seed == 2 and (axis == "guidance" or scale > 1)
                         rows.append(dict(prompt="a red circle", model=model, scheduler=sched, steps=steps,
-                                         guidance=guidance, seed=seed, height=size, width=size,
-                                         negative_prompt="blue" if negatives and seed == 2 else "",
-                                         tag=f"{model}|{sched}|{size}|{steps}|{guidance}|{seed}"))
+                                         guidance=TINY_FAMILIES[model][1]["guidance"], true_cfg_scale=1.0,
+                                         seed=seed, height=size, width=size, negative_prompt="blue" if negative else "",
+                                         tag=f"{model}|{sched}|{size}|{steps}|{scale}|{seed}") | {axis: scale})
     return rows
 
 
@@ -62,7 +85,9 @@ def family_sweep(tmp_path_factory, ray_local, models_yaml):
     run with --batch-size 4 so batches hold rows of several models."""
     rows = [r for model in sorted(SWEEPS) for r in sweep_rows(model)]
     rows += [dict(prompt="a blue square", model="tiny-random", scheduler="pndm", steps=2, guidance=4.0, seed=s,
-                  height=32, width=32, negative_prompt="", tag=f"tiny-random|pndm|32|{s}") for s in (1, 2)]
+                  true_cfg_scale=1.0, height=32, width=32, negative_prompt="", tag=f"tiny-random|pndm|32|{s}")
+             for s in (1, 2)]
+    rows += REFINED_ROWS
     tmp = tmp_path_factory.mktemp("family-sweep")
     manifest = write_parquet(tmp / "manifest.parquet", rows)
     out = tmp / "out"
@@ -85,32 +110,32 @@ def assert_complete(df: pd.DataFrame, rows: list[dict]):
 def test_family_sweep_runs_through_the_job(family_sweep, model):
     rows, df = family_sweep
     mine = [r for r in rows if r["model"] == model]
-    assert len(mine) == 16
+    assert len(mine) == 16 + (len(REFINED_ROWS) if model == "tiny-sdxl" else 0)
     df = df[df.model == model]
     assert_complete(df, mine)
     assert df.model_digest.nunique() == 1
-    for col in ("scheduler", "steps", "guidance", "seed", "negative_prompt"):
-        assert sorted(df[col]) == sorted(r[col] for r in mine), col
+    for col in ("scheduler", "steps", "guidance", "true_cfg_scale", "seed", "negative_prompt", "denoising_end"):
+        assert sorted(df[col]) == sorted(r.get(col, 1.0) for r in mine), col
 
 
 def test_mixed_family_manifest_finishes_every_row(family_sweep):
     rows, df = family_sweep
     assert_complete(df, rows)
-    assert df.model_digest.nunique() == 5
+    assert df.model_digest.nunique() == len(SWEEPS) + 1
 
 
-def test_v_prediction_is_kept_by_every_scheduler_swap(registry):
-    model = load_model(registry.get("tiny-sd2v"))
+def test_v_prediction_is_kept_by_every_scheduler_swap(loaded):
+    model = loaded("tiny-sd2v")
     assert model.scheduler_config["prediction_type"] == "v_prediction"
     for name in scheduler_names("eps"):
         assert make_scheduler(name, model.scheduler_config, "eps").config.prediction_type == "v_prediction", name
 
 
-def test_v_prediction_rows_match_diffusers_own_call(registry):
+def test_v_prediction_rows_match_diffusers_own_call(registry, loaded):
     """The job's path (scheduler built from the registry name) gives diffusers' pixels for that scheduler."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    model = load_model(registry.get("tiny-sd2v"))
+    model = loaded("tiny-sd2v")
     rows = [dict(sample_id=f"s{i}", prompt="a red circle", negative_prompt="", seed=i, model="tiny-sd2v",
                  scheduler="euler_a", steps=3, guidance=4.0, height=32, width=32, cache_interval=1) for i in (1, 2)]
     ours = np.stack([r.pixels for r in generate(model, rows)])
@@ -124,12 +149,12 @@ def test_v_prediction_rows_match_diffusers_own_call(registry):
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
 
 
-def test_transformer_families_run_in_process_with_long_prompts(registry):
+def test_transformer_families_run_in_process_with_long_prompts(loaded):
     """SD3 and FLUX through the grouped path (no `pipe.unet` touched at cache_interval 1), and a
     prompt longer than CLIP's 77 tokens recorded as truncated by a pipeline with several tokenizers."""
     long_prompt = " ".join(["a red circle"] * 40)
     for name in ("tiny-sd3", "tiny-flux", "tiny-sdxl"):
-        model = load_model(registry.get(name))
+        model = loaded(name)
         rows = [dict(sample_id=f"{name}-{i}", prompt=p, negative_prompt="", seed=i, model=name,
                      scheduler=TINY_FAMILIES[name][1]["scheduler"], steps=2, guidance=4.0, height=32, width=32,
                      cache_interval=1) for i, p in enumerate(["a cat", long_prompt])]
@@ -144,6 +169,13 @@ def test_transformer_families_run_in_process_with_long_prompts(registry):
     ("tiny-sdxl", "scheduler", "flow_match_euler", "one of: ddim"),
     ("tiny-sd3", "cache_interval", 2, "needs a UNet model"),
     ("tiny-flux", "height", 40, "a multiple of 16"),
+    ("tiny-flux", "guidance", 4.0, "no guidance embedding (guidance_embeds false"),
+    ("tiny-flux", "negative_prompt", "blue", "a negative prompt only for true CFG"),
+    ("tiny-flux-dev", "negative_prompt", "blue", "a negative prompt only for true CFG"),
+    ("tiny-sdxl", "true_cfg_scale", 2.0, "FluxPipeline's true CFG"),
+    ("tiny-sd3", "denoising_end", 0.5, "it has no refiner"),
+    ("tiny-sdxl", "denoising_end", 0.0, "a fraction in (0, 1]"),
+    ("tiny-sdxl-refiner", "model", "tiny-sdxl-refiner", "is an img2img refiner"),
 ])
 def test_bad_family_combinations_are_refused_at_validation(registry, model, column, value, expected):
     row = {"prompt": "a red circle", "model": model, column: value}
@@ -152,7 +184,7 @@ def test_bad_family_combinations_are_refused_at_validation(registry, model, colu
     assert f"row 0, column {column!r}" in str(e.value) and expected in str(e.value), str(e.value)
 
 
-def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(registry):
+def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(loaded):
     """cache_interval 2: SDXL's UNet (text_time added conditioning) reuses features; on SD3 (a
     transformer, refused at validation) a row that gets past it is an error row saying why."""
     def rows(name):
@@ -160,8 +192,217 @@ def test_feature_reuse_runs_on_sdxl_and_names_the_cause_on_a_transformer(registr
                      scheduler=TINY_FAMILIES[name][1]["scheduler"], steps=4, guidance=4.0, height=32, width=32,
                      cache_interval=2) for i in (1, 2)]
 
-    sdxl = generate(load_model(registry.get("tiny-sdxl")), rows("tiny-sdxl"))
+    sdxl = generate(loaded("tiny-sdxl"), rows("tiny-sdxl"))
     assert [r.status for r in sdxl] == ["ok", "ok"], [r.error for r in sdxl]
-    sd3 = generate(load_model(registry.get("tiny-sd3")), rows("tiny-sd3"))
+    sd3 = generate(loaded("tiny-sd3"), rows("tiny-sd3"))
     assert [r.status for r in sd3] == ["error", "error"]
     assert all("needs a UNet pipeline" in r.error and "SD3Transformer2DModel" in r.error for r in sd3), sd3[0].error
+
+
+def as_manifest_rows(rows: list[dict]) -> list[dict]:
+    """Sweep rows as validated manifest rows (the job's sample_id is the tag here)."""
+    return [dict(r, sample_id=r["tag"], cache_interval=1) for r in rows]
+
+
+def diffusers_pixels(pipe, **kwargs) -> np.ndarray:
+    """The pipeline called directly, as a user would, to uint8 pixels."""
+    with torch.inference_mode():
+        images = pipe(output_type="np", height=32, width=32, **kwargs).images
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max())
+
+
+def flux_rows(name: str, guidance: float, true_cfg: float, negative: str, steps: int = 3) -> list[dict]:
+    return [dict(sample_id=f"{name}-{guidance}-{true_cfg}-{i}", prompt="a red circle", negative_prompt=negative, seed=i,
+                 model=name, scheduler="flow_match_euler", steps=steps, guidance=guidance, true_cfg_scale=true_cfg,
+                 height=32, width=32, cache_interval=1) for i in (1, 2)]
+
+
+@pytest.mark.parametrize("name, embeds, text_length, cases", [
+    # FLUX-dev: `guidance` is the distilled guidance (an input of the transformer); true CFG on top
+    ("tiny-flux-dev", True, 512, [(2.0, 1.0, ""), (5.0, 1.0, ""), (2.0, 3.0, "blue"), (2.0, 3.0, "")]),
+    # FLUX-schnell: no guidance input; true CFG with or without a negative prompt
+    ("tiny-flux", False, 256, [(0.0, 1.0, ""), (0.0, 3.0, "blue")]),
+])
+def test_flux_guidance_is_fluxpipeline_s(registry, loaded, name, embeds, text_length, cases):
+    """Each FLUX row gives the pixels of FluxPipeline called directly with the same seed, guidance_scale,
+    true_cfg_scale, negative prompt and max_sequence_length; and each setting changes the image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.registry.families import guidance_embeds, max_sequence_length
+
+    spec = registry.get(name)
+    assert (guidance_embeds(spec), max_sequence_length(spec)) == (embeds, text_length)
+    model = loaded(name)
+    assert model.pipe.transformer.config.guidance_embeds is embeds
+    images = []
+    for guidance, true_cfg, negative in cases:
+        ours = np.stack([r.pixels for r in generate(model, flux_rows(name, guidance, true_cfg, negative))])
+        model.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+        ref = diffusers_pixels(model.pipe, prompt=["a red circle"] * 2, num_inference_steps=3, guidance_scale=guidance,
+                               true_cfg_scale=true_cfg, negative_prompt=[negative] * 2 if true_cfg > 1 else None,
+                               max_sequence_length=text_length, generator=row_generators([1, 2]))
+        assert max_diff(ours, ref) <= 1, (guidance, true_cfg, negative)
+        images.append(ours)
+    for i in range(len(images)):
+        for j in range(i):
+            assert max_diff(images[i], images[j]) > 1, (cases[i], cases[j])
+
+
+def test_flux_schnell_ignores_guidance_so_the_manifest_refuses_it(registry, loaded):
+    """Why guidance is refused off schnell's default: FluxPipeline gives the same pixels at any guidance_scale."""
+    model = loaded("tiny-flux")
+    pixels = [diffusers_pixels(model.pipe, prompt="a red circle", num_inference_steps=2, guidance_scale=g,
+                               generator=row_generators([1])) for g in (0.0, 7.0)]
+    assert max_diff(*pixels) == 0
+    keys = ("model", "guidance", "negative_prompt", "true_cfg_scale")
+    ok = [dict(zip(keys, v), prompt="a red circle") for v in [("tiny-flux-dev", 4.0, None, None),
+                                                             ("tiny-flux", None, "blue", 2.0),
+                                                             ("tiny-sdxl", 5.0, "blue", None)]]
+    t = validate_manifest(pa.Table.from_pylist(ok), registry)
+    assert t.column("true_cfg_scale").to_pylist() == [1.0, 2.0, 1.0]
+    assert t.column("guidance").to_pylist() == [4.0, 0.0, 5.0]
+
+
+def test_t5_text_length_per_model_is_passed_and_recorded(registry, loaded):
+    """A registry max_sequence_length reaches the pipeline (the T5 encoder reads that many tokens; same
+    pixels as diffusers called with it) and a prompt or a read negative prompt longer is recorded as truncated."""
+    from dataclasses import replace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    spec = replace(registry.get("tiny-sd3"), max_sequence_length=4)
+    model = load_model(spec)
+    prompt = "a red circle painting"  # 5 T5 tokens with </s>, well under CLIP's 77
+    rows = [dict(sample_id=f"t5-{i}", prompt=p, negative_prompt=n, seed=1, model=spec.name,
+                 scheduler="flow_match_euler", steps=2, guidance=4.0, true_cfg_scale=1.0, height=32, width=32,
+                 cache_interval=1) for i, (p, n) in enumerate([(prompt, ""), ("a cat", ""), ("a cat", prompt)])]
+    def t5_lengths(model, rows) -> set:
+        """The token counts the T5 encoder sees in a generate call: the pipeline's max_sequence_length."""
+        seen = []
+        hook = model.pipe.text_encoder_3.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        try:
+            results.extend(generate(model, rows, batch_sizes=1))
+        finally:
+            hook.remove()
+        return set(seen)
+
+    results = []
+    assert t5_lengths(model, rows) == {4}
+    assert [r.prompt_truncated for r in results] == [True, False, True]
+    model.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    ref = diffusers_pixels(model.pipe, prompt=prompt, negative_prompt="", num_inference_steps=2, guidance_scale=4.0,
+                           max_sequence_length=4, generator=row_generators([1]))[0]
+    assert max_diff(results[0].pixels, ref) <= 1
+    results.clear()
+    assert t5_lengths(loaded("tiny-sd3"), rows) == {256}  # the default: diffusers' for SD3
+    assert [r.prompt_truncated for r in results] == [False, False, False]
+
+
+def test_negative_prompts_longer_than_clip_are_recorded_when_read(loaded):
+    """prompt_truncated counts a negative prompt that the pipeline reads and cuts (both SDXL CLIPs at 77)."""
+    long_text = " ".join(["a red circle"] * 40)
+    model = loaded("tiny-sdxl")
+    rows = [dict(sample_id=f"neg-{g}", prompt="a cat", negative_prompt=long_text, seed=1, model="tiny-sdxl",
+                 scheduler="euler", steps=2, guidance=g, true_cfg_scale=1.0, height=32, width=32, cache_interval=1)
+            for g in (1.0, 4.0)]
+    assert [r.prompt_truncated for r in generate(model, rows)] == [False, True]  # read only with CFG (guidance > 1)
+
+
+def test_sdxl_size_conditioning_is_the_rows_size(loaded):
+    """SDXL's added time ids are (original_size, crop top-left, target_size) = ((h, w), (0, 0), (h, w)),
+    diffusers' defaults for the row's height and width, for every row of a batch."""
+    model = loaded("tiny-sdxl")
+    seen = []
+    hook = model.pipe.unet.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+    try:
+        rows = [dict(sample_id=f"xl-{i}", prompt="a cat", negative_prompt="", seed=i, model="tiny-sdxl",
+                     scheduler="euler", steps=2, guidance=4.0, true_cfg_scale=1.0, height=32, width=48,
+                     cache_interval=1) for i in (1, 2)]
+        assert [r.pixels.shape for r in generate(model, rows)] == [(32, 48, 3)] * 2
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and all(t.shape == (4, 6) for t in seen)  # 2 steps; 2 rows x (uncond, cond)
+    assert all((t == torch.tensor([32.0, 48.0, 0.0, 0.0, 32.0, 48.0])).all() for t in seen)
+
+
+def batch_rows(model: str) -> list[dict]:
+    """Eight rows of one configuration (so batch size 8 is one call of 8), half with a negative prompt
+    where the family reads one; "tiny-sdxl+refiner": SDXL rows handed to the refiner at 60 %."""
+    name, refined = model.split("+")[0], model.endswith("+refiner")
+    flux = name.startswith("tiny-flux")
+    return [dict(sample_id=f"{model}-{seed}", prompt="a red circle", negative_prompt="blue" if seed % 2 else "",
+                 seed=seed, model=name, scheduler=TINY_FAMILIES[name][1]["scheduler"] if name in TINY_FAMILIES
+                 else "euler_a", steps=3, guidance=TINY_FAMILIES[name][1]["guidance"] if flux else 4.0,
+                 true_cfg_scale=2.0 if flux else 1.0, denoising_end=0.6 if refined else 1.0, height=32, width=32,
+                 cache_interval=1) for seed in range(8)]
+
+
+@pytest.mark.parametrize("model", sorted(SWEEPS) + ["tiny-sdxl+refiner", "tiny-random"])
+def test_batch_size_does_not_change_pixels(registry, loaded, model):
+    """Acceptance: the same rows at batch size 1 and 8 give the same pixels within 1/255, for every
+    family (stochastic euler_a on SD 1.x, true CFG on FLUX, the refiner's handoff on SDXL)."""
+    rows = batch_rows(model)
+    pipe = loaded(rows[0]["model"]) if rows[0]["model"] in TINY_FAMILIES else load_model(registry.get("tiny-random"))
+    one, eight = (generate(pipe, rows, batch_sizes=n) for n in (1, 8))
+    assert [r.batch_size for r in one] == [1] * 8 and [r.batch_size for r in eight] == [8] * 8
+    for r, a, b in zip(rows, one, eight):
+        assert a.status == b.status == "ok", (a.error, b.error)
+        assert max_diff(a.pixels, b.pixels) <= 1, r["sample_id"]
+
+
+@pytest.mark.parametrize("models, expected", [
+    ("a: {base: sd15, refiner: b}", "a refiner finishes SDXL base models only"),
+    ("a: {base: sdxl, refiner: zz}", "expected a model registered in this file or built in"),
+    ("a: {base: sdxl, refiner: sd15}", "expected an SDXL img2img model"),
+])
+def test_bad_refiner_settings_are_refused(tmp_path, models, expected):
+    from pipelines.registry.models import ModelConfigError, load_models_yaml
+
+    path = tmp_path / "models.yaml"
+    path.write_text(f"models:\n  {models}\n  b: {{base: sdxl, pipeline: StableDiffusionXLImg2ImgPipeline}}\n")
+    with pytest.raises(ModelConfigError) as e:
+        load_models_yaml(path)
+    assert "model 'a', key 'refiner'" in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def load_with_refiner(registry, name: str):
+    """A model as the worker loads it: with its refiner, if the registry gives it one."""
+    model = load_model(registry.get(name))
+    if model.spec.refiner:
+        model.extras["refiner"] = load_model(registry.get(model.spec.refiner))
+    return model
+
+
+def test_sdxl_base_and_refiner_rows_match_diffusers_recipe(registry, loaded, family_sweep):
+    """Rows with denoising_end < 1 give the pixels of diffusers' documented ensemble of experts called
+    directly (base with denoising_end and output_type="latent", the refiner img2img from denoising_start),
+    in process and through the job (whose workers load the refiner named by the models YAML)."""
+    from diffusers import EulerDiscreteScheduler
+
+    assert set(registry.with_refiners(["tiny-sdxl"])) == {"tiny-sdxl", "tiny-sdxl-refiner"}
+    model = loaded("tiny-sdxl")
+    rows = as_manifest_rows(REFINED_ROWS)
+    ours = np.stack([r.pixels for r in generate(model, rows)])
+    base, refiner = model.pipe, model.extras["refiner"].pipe
+    base.scheduler = EulerDiscreteScheduler.from_config(model.scheduler_config)
+    refiner.scheduler = EulerDiscreteScheduler.from_config(model.extras["refiner"].scheduler_config)
+    prompts, negatives = [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows]
+    with torch.inference_mode():
+        latents = base(prompt=prompts, negative_prompt=negatives, num_inference_steps=5, guidance_scale=4.0,
+                       denoising_end=0.6, output_type="latent", height=32, width=32,
+                       generator=row_generators([1, 2])).images
+        images = refiner(prompt=prompts, negative_prompt=negatives, num_inference_steps=5, guidance_scale=4.0,
+                         denoising_start=0.6, image=latents, generator=row_generators([1, 2]), output_type="np").images
+    ref = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    assert max_diff(ours, ref) <= 1
+    base_only = as_manifest_rows([dict(r, denoising_end=1.0, tag=r["tag"] + "-base") for r in REFINED_ROWS])
+    assert max_diff(ours, np.stack([r.pixels for r in generate(model, base_only)])) > 1  # the refiner ran
+    _, df = family_sweep
+    job = dict(zip(df.tag, df.image))
+    for r, px in zip(REFINED_ROWS, ref):
+        assert max_diff(np.asarray(Image.open(io.BytesIO(job[r["tag"]])).convert("RGB")), px) <= 1, r["tag"]

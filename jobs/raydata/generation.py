@@ -97,7 +97,7 @@ def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_n
     call_rows = (actor_batch or AUTO_CAP) * (CALL_ROWS_CONTINUOUS if o.batching == "continuous" else 1)
     blocks = [rows.slice(i, call_rows).to_pandas() for i in range(0, rows.num_rows, call_rows)]
     threads = o.torch_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // pool))
-    specs = {name: p.registry.get(name) for name in set(p.todo.column("model").to_pylist())}
+    specs = p.registry.with_refiners(set(p.todo.column("model").to_pylist()))  # refiners load with their base
     return (
         ray.data.from_pandas(blocks)
         .map_batches(

@@ -103,6 +103,8 @@ def generate_continuous(model: LoadedModel, rows: Sequence[Row | Mapping], max_b
     text_cache = text_cache if text_cache is not None else TextCache()
     stats = stats if stats is not None else ContinuousStats()
     truncated = prompts_truncated(pipe, [r.prompt for r in rows], model.spec.max_prompt_tokens)
+    negatives = prompts_truncated(pipe, [r.negative_prompt or "" for r in rows], model.spec.max_prompt_tokens)
+    truncated = [t or (n and r.guidance > 1) for t, n, r in zip(truncated, negatives, rows)]  # read only with CFG
     # Longest rows first: they start together and short rows fill the slots they free.
     waiting = deque(sorted(range(len(rows)), key=lambda i: -rows[i].steps))
     active: list[RowState] = []

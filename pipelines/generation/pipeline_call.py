@@ -18,6 +18,7 @@ from pipelines.contract import Row
 from pipelines.generation.deepcache import deep_cache
 from pipelines.generation.results import RowResult, image_result, prompts_truncated, to_pixels
 from pipelines.generation.retry import sync
+from pipelines.registry.families import FLUX, max_sequence_length, pipeline_name
 from pipelines.registry.models import LoadedModel
 from pipelines.registry.schedulers import make_scheduler
 from pipelines.seeding import row_generators
@@ -26,32 +27,61 @@ from pipelines.seeding import row_generators
 def run_batch(model: LoadedModel, rows: list[Row]) -> list[RowResult]:
     """One diffusers call for rows that share a configuration (`Row.config()`)."""
     first = rows[0]
-    height, width, scheduler, steps, guidance = first.height, first.width, first.scheduler, first.steps, first.guidance
-    cache_interval = first.cache_interval
     pipe = model.pipe
     seeds = [int(r.seed) for r in rows]
-    pipe.scheduler = make_scheduler(scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
+    pipe.scheduler = make_scheduler(first.scheduler, model.scheduler_config, model.spec.family, seeds=seeds)
     prompts = [r.prompt for r in rows]
     negatives = [r.negative_prompt or "" for r in rows]
-    truncated = prompts_truncated(pipe, prompts, model.spec.max_prompt_tokens)
     kwargs = dict(
         prompt=prompts,
-        num_inference_steps=int(steps),
-        guidance_scale=float(guidance),
-        height=int(height),
-        width=int(width),
+        num_inference_steps=int(first.steps),
+        guidance_scale=float(first.guidance),
+        height=int(first.height),
+        width=int(first.width),
         generator=row_generators(seeds),
         output_type="pt",  # stays on the device: to_pixels converts there
+        **guidance_kwargs(model, first.guidance, first.true_cfg_scale, negatives),
     )
-    if guidance > 1 or any(negatives):
-        kwargs["negative_prompt"] = negatives
+    text_length = max_sequence_length(model.spec)
+    if text_length is not None:
+        kwargs["max_sequence_length"] = text_length
+    truncated = prompts_truncated(pipe, prompts, model.spec.max_prompt_tokens, text_length)
+    if "negative_prompt" in kwargs:  # read by the pipeline, so cut like the prompt
+        cut = prompts_truncated(pipe, negatives, model.spec.max_prompt_tokens, text_length)
+        truncated = [a or b for a, b in zip(truncated, cut)]
     sync(model.device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), feature_reuse(pipe, int(cache_interval)):
-        pixels, finite = to_pixels(pipe(**kwargs).images)
+    with torch.inference_mode(), feature_reuse(pipe, int(first.cache_interval)):
+        if first.denoising_end < 1:
+            pixels, finite = to_pixels(refine(model, first, kwargs, seeds))
+        else:
+            pixels, finite = to_pixels(pipe(**kwargs).images)
     per_image = (time.perf_counter() - t0) / len(rows)  # to_pixels ends with a copy to the host: synced
     return [image_result(row, px, ok, per_image, len(rows), trunc)
             for row, px, ok, trunc in zip(rows, pixels, finite, truncated)]
+
+
+def refine(model: LoadedModel, first: Row, kwargs: dict, seeds: list[int]) -> torch.Tensor:
+    """SDXL's ensemble of experts, as diffusers documents it: the base denoises until
+    `denoising_end` and hands over its latents (output_type="latent"), the refiner
+    (an img2img pipeline, the row's scheduler built from its own config) denoises the rest
+    from `denoising_start` = the same fraction, with the same prompts and guidance."""
+    refiner = model.extras["refiner"]
+    latents = model.pipe(**{**kwargs, "output_type": "latent"}, denoising_end=float(first.denoising_end)).images
+    refiner.pipe.scheduler = make_scheduler(first.scheduler, refiner.scheduler_config, refiner.spec.family, seeds=seeds)
+    stage = {k: kwargs[k] for k in ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale") if k in kwargs}
+    return refiner.pipe(**stage, image=latents, denoising_start=float(first.denoising_end),
+                        generator=row_generators(seeds), output_type="pt").images
+
+
+def guidance_kwargs(model: LoadedModel, guidance: float, true_cfg_scale: float, negatives: list[str]) -> dict:
+    """What the family's pipeline takes besides `guidance_scale` (pipelines.registry.families):
+    FLUX's true CFG (`true_cfg_scale` with the negative prompts, empty ones included) when
+    asked for; the negative prompts of a CFG pipeline when it guides (guidance > 1: below, the
+    pipeline does not read them). A negative prompt is passed exactly when it is read."""
+    if pipeline_name(model.spec) == FLUX:
+        return dict(true_cfg_scale=float(true_cfg_scale), negative_prompt=negatives) if true_cfg_scale > 1 else {}
+    return dict(negative_prompt=negatives) if guidance > 1 else {}
 
 
 def feature_reuse(pipe, cache_interval: int):

@@ -64,8 +64,8 @@ def plan(manifest_path: str, out: str, *, model: str | None = None, models_file:
     if model is not None and model not in registry:
         raise InputError(f"--model {model!r}: not a registered model; registered: {', '.join(registry.names())}")
     manifest = validate_manifest(read_manifest(manifest_path), registry, model, source=f"manifest {manifest_path}")
-    for name in sorted(set(manifest.column("model").to_pylist())):
-        check_available(registry.get(name))
+    for spec in registry.with_refiners(sorted(set(manifest.column("model").to_pylist()))).values():
+        check_available(spec)
     for name in sorted({a for v in set(manifest.column("lora").to_pylist()) for a, _ in adapters(v, 1.0)}):
         check_lora_available(registry.loras[name])  # a registered adapter whose file is missing: named now
     digest = manifest_digest(manifest)

@@ -51,27 +51,29 @@ def error_result(row: Row, message: str, seconds: float = 0.0, batch_size: int =
     return RowResult(row.sample_id, None, "error", message, seconds, batch_size, truncated)
 
 
-def prompts_truncated(pipe, prompts: list[str], max_tokens: int) -> list[bool]:
+def prompts_truncated(pipe, prompts: list[str], max_tokens: int, max_sequence_length: int | None = None) -> list[bool]:
     """Whether each prompt is longer than one of the pipeline's text encoders reads (diffusers
     cuts it): the CLIP tokenizers (`tokenizer`, SDXL/SD3's `tokenizer_2`) at `max_tokens` or
-    their model_max_length, a T5 tokenizer (SD3's `tokenizer_3`, FLUX's `tokenizer_2`) at the
-    pipeline's default `max_sequence_length`."""
+    their model_max_length, a T5 tokenizer (SD3's `tokenizer_3`, FLUX's `tokenizer_2`) at
+    `max_sequence_length` (the registry's, passed to the pipeline; None: the pipeline's default)."""
     truncated = [False] * len(prompts)
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is None:
             continue
-        limit = _token_limit(pipe, tokenizer, max_tokens)
+        limit = _token_limit(pipe, tokenizer, max_tokens, max_sequence_length)
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
         truncated = [t or n > limit for t, n in zip(truncated, lengths)]
     return truncated
 
 
-def _token_limit(pipe, tokenizer, max_tokens: int) -> int:
+def _token_limit(pipe, tokenizer, max_tokens: int, max_sequence_length: int | None) -> int:
     """How many tokens (specials included) the pipeline passes on from this tokenizer."""
     own = getattr(tokenizer, "model_max_length", max_tokens)
     if "T5" not in type(tokenizer).__name__:  # CLIP: what the registry and the tokenizer allow
         return min(max_tokens, own)
+    if max_sequence_length is not None:
+        return max_sequence_length  # the pipeline tokenizes T5 text with max_length=max_sequence_length
     import inspect
 
     param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")

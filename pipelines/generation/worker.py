@@ -80,6 +80,8 @@ class GenerateActor:
             model = load_model(self.specs[name[0]], self.device, self.dtype, quant=name[1])
             load_key = f"model:{name[0]}" + (f"@{name[1]}" if name[1] != "none" else "")
             self.loads[load_key] = self.loads.get(load_key, 0) + 1
+            if model.spec.refiner:  # SDXL base+refiner: the refiner finishes rows with denoising_end < 1
+                model.extras["refiner"] = load_model(self.specs[model.spec.refiner], self.device, self.dtype)
             apply_speed_options(model.pipe, self.speed)
             warm_up(model)  # also pays torch.compile, if on
         weights = sum(weights_bytes(c) for c in model.pipe.components.values() if hasattr(c, "parameters"))

@@ -38,6 +38,9 @@ class ModelSpec:
     family: str = "eps"  # "eps" (DDPM-trained) or "flow" (flow matching): which schedulers fit
     size_factor: int = 8  # height and width must be multiples of this
     max_prompt_tokens: int = 77  # text encoder limit; longer prompts are truncated (recorded)
+    max_sequence_length: int | None = None  # T5 tokens (SD3, FLUX); None: the family's default (registry.families)
+    guidance_embeds: bool | None = None  # FLUX: dev (True) or schnell (False); None: read from transformer/config.json
+    refiner: str | None = None  # SDXL: a registered img2img model that finishes rows with denoising_end < 1
     gpu_dtype: str = "float16"  # half precision that is safe for this model on a GPU
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     revision: str | None = None
@@ -70,7 +73,11 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         ModelSpec("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", "flow_match_euler", 40, 4.5, 1024, 1024,
                   pipeline="StableDiffusion3Pipeline", family="flow", size_factor=16, gpu_dtype="bfloat16"),
         ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flow_match_euler", 4, 0.0, 1024, 1024,
-                  pipeline="FluxPipeline", family="flow", size_factor=16, gpu_dtype="bfloat16"),
+                  pipeline="FluxPipeline", family="flow", size_factor=16, gpu_dtype="bfloat16",
+                  max_sequence_length=256, guidance_embeds=False),
+        ModelSpec("flux-dev", "black-forest-labs/FLUX.1-dev", "flow_match_euler", 50, 3.5, 1024, 1024,
+                  pipeline="FluxPipeline", family="flow", size_factor=16, gpu_dtype="bfloat16",
+                  max_sequence_length=512, guidance_embeds=True),
     ]
 }
 
@@ -100,6 +107,11 @@ class ModelRegistry:
         if name not in self.specs:
             raise ModelConfigError(f"unknown model {name!r}; registered models: {', '.join(self.names())}")
         return self.specs[name]
+
+    def with_refiners(self, names) -> dict[str, ModelSpec]:
+        """The specs of models `names` and of their refiners: what the workers must be able to load."""
+        specs = {n: self.get(n) for n in names}
+        return specs | {s.refiner: self.get(s.refiner) for s in list(specs.values()) if s.refiner}
 
     @classmethod
     def with_user_file(cls, path: str | os.PathLike | None) -> "ModelRegistry":
@@ -138,6 +150,10 @@ _FIELD_TYPES: dict[str, tuple] = {
     "family": (lambda v: v in ("eps", "flow") and isinstance(v, str), "'eps' (DDPM-trained) or 'flow' (flow matching)"),
     "size_factor": (_positive_int, "a positive integer"),
     "max_prompt_tokens": (_positive_int, "a positive integer"),
+    "max_sequence_length": (lambda v: v is None or _positive_int(v), "a positive integer (T5 tokens) or null"),
+    "guidance_embeds": (lambda v: v is None or isinstance(v, bool),
+                        "true (FLUX-dev: guidance is embedded), false (FLUX-schnell) or null (read the transformer config)"),
+    "refiner": (lambda v: v is None or _text(v), "a registered refiner model's name (an SDXL img2img model) or null"),
     "gpu_dtype": (lambda v: isinstance(v, str) and v in ("float16", "bfloat16", "float32"),
                   "float16, bfloat16 or float32"),
     "variant": (lambda v: v is None or _text(v), "a weight variant name (e.g. fp16) or null"),
@@ -191,6 +207,7 @@ def load_models_yaml(path: str | os.PathLike) -> dict[str, ModelSpec]:
         spec = replace(base, name=name, base=base.name, **entry) if base else ModelSpec(name=name, **entry)
         problems += [f"{where}, {p}" for p in _spec_problems(spec)]
         out[name] = spec
+    problems += _refiner_problems(out)
     if problems:
         shown = "; ".join(problems[:_MAX_PROBLEMS])
         more = f"; ... and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
@@ -206,6 +223,29 @@ def load_loras_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(doc, dict) or "loras" not in doc:
         return {}
     return parse_loras(doc["loras"], f"--models {path}", Path(path).expanduser().resolve().parent)
+
+
+def _refiner_problems(specs: dict[str, ModelSpec]) -> list[str]:
+    """A refiner is an SDXL img2img model, registered, and only SDXL base models have one (the
+    ensemble-of-experts handoff is SDXL's: denoising_end / denoising_start)."""
+    from pipelines.registry.families import pipeline_name
+
+    problems = []
+    for name, spec in specs.items():
+        if spec.refiner is None:
+            continue
+        where = f"model {name!r}, key 'refiner'"
+        refiner = specs.get(spec.refiner, BUILTIN_MODELS.get(spec.refiner))
+        if pipeline_name(spec) != "StableDiffusionXLPipeline":
+            problems.append(f"{where}: got {spec.refiner!r}; a refiner finishes SDXL base models only "
+                            f"(StableDiffusionXLPipeline), and {name!r} is a {pipeline_name(spec)}")
+        elif refiner is None:
+            problems.append(f"{where}: got {spec.refiner!r}; expected a model registered in this file or built in "
+                            f"({', '.join(sorted(set(specs) | set(BUILTIN_MODELS)))})")
+        elif pipeline_name(refiner) not in ("StableDiffusionXLImg2ImgPipeline", "auto"):
+            problems.append(f"{where}: got {spec.refiner!r}, a {pipeline_name(refiner)}; expected an SDXL img2img "
+                            "model (StableDiffusionXLImg2ImgPipeline)")
+    return problems
 
 
 def _entry_problems(entry: dict) -> list[str]:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import string
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                        FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+                       StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5Tokenizer)
 
@@ -111,6 +113,24 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
                                      unet=unet, scheduler=scheduler)
 
 
+def build_tiny_sdxl_refiner_pipeline(seed: int = 0) -> StableDiffusionXLImg2ImgPipeline:
+    """SDXL's refiner: an img2img pipeline with only the second (pooled) text encoder and an
+    aesthetic-score conditioning (5 time ids); like SDXL 1.0's refiner it shares the base's
+    VAE and second text encoder (the same weights: built from the base of the same seed)."""
+    base = build_tiny_sdxl_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=72,  # 5 time ids x 8 + 32 pooled
+                                cross_attention_dim=32, norm_num_groups=1)
+    return StableDiffusionXLImg2ImgPipeline(vae=base.vae, text_encoder=None, tokenizer=None,
+                                            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                                            unet=unet, scheduler=base.scheduler, requires_aesthetics_score=True)
+
+
 def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """SD3: an MMDiT (SD3Transformer2DModel), two CLIP-with-projection encoders and a T5 encoder."""
     torch.manual_seed(seed)
@@ -148,12 +168,19 @@ TINY_FAMILIES: dict[str, tuple] = {
     "tiny-sd2v": (build_tiny_sd2v_pipeline, dict(pipeline="StableDiffusionPipeline", family="eps", scheduler="ddim",
                                                  steps=4, guidance=7.5, height=32, width=32)),
     "tiny-sdxl": (build_tiny_sdxl_pipeline, dict(pipeline="StableDiffusionXLPipeline", family="eps",
-                                                 scheduler="euler", steps=4, guidance=5.0, height=32, width=32)),
+                                                 scheduler="euler", steps=4, guidance=5.0, height=32, width=32,
+                                                 refiner="tiny-sdxl-refiner")),
+    "tiny-sdxl-refiner": (build_tiny_sdxl_refiner_pipeline, dict(pipeline="StableDiffusionXLImg2ImgPipeline",
+                                                                 family="eps", scheduler="euler", steps=4,
+                                                                 guidance=5.0, height=32, width=32)),
     "tiny-sd3": (build_tiny_sd3_pipeline, dict(pipeline="StableDiffusion3Pipeline", family="flow",
                                                scheduler="flow_match_euler", steps=4, guidance=4.5, height=32,
                                                width=32, size_factor=16)),
     "tiny-flux": (build_tiny_flux_pipeline, dict(pipeline="FluxPipeline", family="flow", scheduler="flow_match_euler",
                                                  steps=4, guidance=0.0, height=32, width=32, size_factor=16)),
+    "tiny-flux-dev": (partial(build_tiny_flux_pipeline, guidance_embeds=True),
+                      dict(pipeline="FluxPipeline", family="flow", scheduler="flow_match_euler", steps=4, guidance=3.5,
+                           height=32, width=32, size_factor=16)),
 }
 
 
@@ -176,6 +203,9 @@ def write_tiny_models(directory: str | Path, names=None) -> Path:
     for name in names or TINY_FAMILIES:
         path = save_tiny(name, directory / name)
         entries[name] = {"source": str(path), **TINY_FAMILIES[name][1]}
+    for entry in entries.values():  # a refiner not written here is not registered: base only
+        if entry.get("refiner") not in entries:
+            entry.pop("refiner", None)
     out = directory / "models.yaml"
     out.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
     return out

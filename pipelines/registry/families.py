@@ -1,0 +1,83 @@
+"""What each family's pipeline does with `guidance`, a negative prompt and long text.
+
+The manifest's columns mean what the row's pipeline means by them, and a row never asks for
+something its pipeline would silently ignore (that makes identical images under different
+sample_ids):
+
+- SD 1.x/2.x, SDXL, SD 3.x: `guidance` is the classifier-free guidance scale (`guidance_scale`,
+  > 1 on: a second, negative-prompt forward per step); `true_cfg_scale` must stay 1.
+- FLUX-dev (transformer config `guidance_embeds: true`): `guidance` is the distilled guidance
+  scale, an input of the transformer (one forward per step). FLUX-schnell (`guidance_embeds:
+  false`): FluxPipeline ignores `guidance_scale`, so only the model's default is accepted.
+- FLUX, both: `true_cfg_scale` > 1 is diffusers' true CFG (`true_cfg_scale` plus the negative
+  prompt, two forwards per step); a negative prompt at `true_cfg_scale` <= 1 is refused,
+  since FluxPipeline reads it only for true CFG.
+
+T5 text (SD3, FLUX) is cut at `max_sequence_length` tokens: the registry's value, else
+diffusers' default for the family (SD3 256, FLUX.1-dev 512, FLUX.1-schnell 256: schnell was
+trained with 256 and its model card runs it so). Needs no torch: validation uses it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+FLUX = "FluxPipeline"
+T5_DEFAULT = {"StableDiffusion3Pipeline": 256, "StableDiffusion3Img2ImgPipeline": 256}
+FLUX_DEV_T5, FLUX_SCHNELL_T5 = 512, 256
+
+
+def pipeline_name(spec) -> str:
+    """The model's pipeline class name: its registry entry's, else (auto) a local model_index.json's."""
+    if spec.pipeline != "auto":
+        return spec.pipeline
+    try:
+        return str(json.loads((Path(spec.source).expanduser() / "model_index.json").read_text()).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return "auto"
+
+
+@lru_cache(maxsize=256)
+def guidance_embeds(spec) -> bool | None:
+    """FLUX only: True for a guidance-distilled (dev) transformer, False for schnell; the registry's
+    `guidance_embeds`, else a local directory's transformer/config.json; None where unknown or not FLUX."""
+    if pipeline_name(spec) != FLUX:
+        return None
+    if spec.guidance_embeds is not None:
+        return spec.guidance_embeds
+    try:
+        config = json.loads((Path(spec.source).expanduser() / "transformer" / "config.json").read_text())
+        return bool(config.get("guidance_embeds", False))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def max_sequence_length(spec) -> int | None:
+    """T5 tokens the pipeline reads (passed as `max_sequence_length`); None for pipelines without T5."""
+    if spec.max_sequence_length is not None:
+        return spec.max_sequence_length
+    name = pipeline_name(spec)
+    if name == FLUX:
+        return FLUX_SCHNELL_T5 if guidance_embeds(spec) is False else FLUX_DEV_T5
+    return T5_DEFAULT.get(name)
+
+
+def guidance_problem(spec, guidance: float, negative_prompt: str, true_cfg_scale: float) -> tuple[str, str] | None:
+    """(column, what is expected and why) for the first thing a row asks that the model's pipeline
+    would ignore or cannot do; None when the row is fine."""
+    name = pipeline_name(spec)
+    if name != FLUX:
+        if true_cfg_scale > 1:
+            return "true_cfg_scale", (f"1 (off) for model {spec.name!r}: true_cfg_scale is FluxPipeline's true CFG; "
+                                      f"{name} does classifier-free guidance with the 'guidance' column")
+        return None
+    if negative_prompt and true_cfg_scale <= 1:
+        return "negative_prompt", (f"'' for model {spec.name!r} at true_cfg_scale <= 1: FluxPipeline uses a negative "
+                                   "prompt only for true CFG (set true_cfg_scale > 1)")
+    if guidance_embeds(spec) is False and guidance != spec.guidance:
+        return "guidance", (f"{spec.guidance:g} (the model's default) for model {spec.name!r}: its transformer has no "
+                            "guidance embedding (guidance_embeds false, FLUX.1-schnell), so FluxPipeline ignores "
+                            "guidance_scale; for CFG use true_cfg_scale > 1")
+    return None
