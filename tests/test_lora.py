@@ -56,8 +56,8 @@ def test_scale_0_is_the_base_model_and_scale_1_paints_black(sweep):
             diff = np.abs(r.pixels.astype(int) - base.loc[tuple(r[key])].pixels.astype(int)).max()
             assert (diff <= 1) if scale == 0 else diff > 20, (scale, r.prompt, diff)
         effect = read_back(np.stack(part.pixels), list(part.prompt))
-        # the shipped adapter is undertrained (docs/lora.md: 66 % on black at 25 steps, n = 32); the 90 % needs a retrain
-        assert effect["black"] >= 0.4 if want_black else effect["black"] == 0, (scale, effect)
+        # docs/lora.md: 95 % on black at scale 1 (n = 128), the bar is 90 %
+        assert effect["black"] >= 0.9 if want_black else effect["black"] == 0, (scale, effect)
     # base rows at both scales are the same image (the scale of a row without adapter changes nothing)
     nolora = df[df.lora == ""]
     assert nolora.groupby(key).pixels.apply(lambda p: np.abs(p.iloc[0].astype(int) - p.iloc[1]).max()).max() <= 1
