@@ -1,10 +1,7 @@
 """Metrics on arrays: features, FID, KID, CLIP score, diversity, reports.
 
-torchao (the quant axis's backend) is imported by transformers whenever it is installed,
-and at import it logs, in every process, warnings that concern only its optional C++
-kernels (".so failed to load" for GPU kernels on a CPU machine, torch's deprecation of its
-Enum registrations, diffusers' note about its tensor classes). They would break every
-job's progress bar and say nothing about the run; real errors of torchao still surface.
+torchao's import-time warnings are kept off the console here too, as in pipelines/__init__.py
+(evals imports no pipelines module): transformers imports torchao whenever it is installed.
 """
 
 import logging

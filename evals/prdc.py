@@ -111,9 +111,7 @@ def precision_recall(real, fake, k: int = PR_K, *, real_radii: np.ndarray | None
     `real_radii`: `kth_neighbour_distances(real, k)` when already computed (a reference shared
     by many groups). NaN, with a RuntimeWarning, for a side with k samples or fewer."""
     x, y = _pair(real, fake)
-    rx = kth_neighbour_distances(x, k) if real_radii is None else np.asarray(real_radii, np.float64)
-    if rx.shape != (x.shape[0],):
-        raise ValueError(f"real_radii: expected shape ({x.shape[0]},), got {rx.shape}")
+    rx = _reference_radii(x, k, real_radii)
     if x.shape[0] <= k:
         precision = _too_few("precision", "the reference", x.shape[0], k)
     else:
@@ -125,14 +123,20 @@ def precision_recall(real, fake, k: int = PR_K, *, real_radii: np.ndarray | None
     return precision, recall
 
 
+def _reference_radii(x: np.ndarray, k: int, given) -> np.ndarray:
+    """The reference's k-th neighbour distances: `given` (checked) or computed now."""
+    rx = kth_neighbour_distances(x, k) if given is None else np.asarray(given, np.float64)
+    if rx.shape != (x.shape[0],):
+        raise ValueError(f"real_radii: expected shape ({x.shape[0]},), got {rx.shape}")
+    return rx
+
+
 def density_coverage(real, fake, k: int = DC_K, *, real_radii: np.ndarray | None = None) -> tuple[float, float]:
     """(density, coverage) of generated `fake` against `real` features (module docstring),
     with open balls as in the paper's code. `real_radii` as in `precision_recall`. NaN, with a
     RuntimeWarning, when the reference has k samples or fewer."""
     x, y = _pair(real, fake)
-    rx = kth_neighbour_distances(x, k) if real_radii is None else np.asarray(real_radii, np.float64)
-    if rx.shape != (x.shape[0],):
-        raise ValueError(f"real_radii: expected shape ({x.shape[0]},), got {rx.shape}")
+    rx = _reference_radii(x, k, real_radii)
     if x.shape[0] <= k:
         nan = _too_few("density and coverage", "the reference", x.shape[0], k)
         return nan, nan
