@@ -40,7 +40,7 @@ from evals.text_embeddings import text_embeddings  # noqa: E402
 from jobs.cli import OneLineParser, at_least  # noqa: E402
 from jobs.raydata.features import ATTRIBUTES, ExtractionFailed, extract_missing, make_extractor  # noqa: E402
 from jobs.raydata.result_rows import committed_shards, read_images, read_results  # noqa: E402
-from pipelines.contract import RUN_KEY  # noqa: E402
+from pipelines.contract import COLUMN, FROM_MODEL, RUN_KEY  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
 
 EXTRACTORS = ("inception", "clip", "embedded")  # evals.features.EXTRACTORS; importing that loads torch
@@ -114,6 +114,18 @@ def warn(message: str, notes: list[str]) -> None:
     """A warning about the data, printed now (before the long part) and kept for the report."""
     print(f"warning: {message}", file=sys.stderr)
     notes.append(message)
+
+
+def shown_keys(metrics, keys: list[str]) -> list[str]:
+    """The grouping keys worth a column in the tables and plots: a manifest column that is at
+    its constant default in every configuration (quant none, no LoRA, no refiner, ...) tells
+    the reader nothing there. metrics.parquet keeps every key."""
+    def at_default(k: str) -> bool:
+        c = COLUMN.get(k)
+        return (c is not None and c.default is not FROM_MODEL and k in metrics and len(metrics)
+                and bool((metrics[k] == c.default).all()))
+
+    return [k for k in keys if not at_default(k)] or list(keys)
 
 
 def grouping_keys(df, by: str | None) -> list[str]:
@@ -217,7 +229,8 @@ def evaluate(args) -> int:
     if ref is not None:
         notes += comparison_warnings(metrics, keys, desc["dim"], ref, fid_n=args.fid_n, labels=labels)
     notes += cost_warnings(metrics, labels)
-    table = write_metrics_files(out, metrics, keys, notes, image_scores(ok, keys, features))
+    table_keys = shown_keys(metrics, keys)  # constant-default columns left out of the tables
+    table = write_metrics_files(out, metrics, table_keys, notes, image_scores(ok, keys, features))
     grid = grid_rows(ok, keys, args.grid_prompts, args.grid_configs)
     images = read_images(shards, list(set(grid.sample_id)))
     grid["image"] = [images.get(s) for s in grid.sample_id]
@@ -228,7 +241,7 @@ def evaluate(args) -> int:
             "FID at n": f"--fid-n {args.fid_n}" if args.fid_n else "all images of each group", **run_provenance(ok),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "features computed this run": str(n_new)}
-    write_report(metrics, grid.drop(columns="sample_id"), out, keys=keys,
+    write_report(metrics, grid.drop(columns="sample_id"), out, keys=table_keys,
                  title=f"diffsweep: {files.basename(args.results)}", warnings=notes, meta=meta)
     print(table)
     for n in notes[len(shown):]:

@@ -303,3 +303,15 @@ def test_fid_n_compares_plain_fids_at_one_n(embedded_results, capsys):
     md = (tmp / "fid-n" / "metrics.md").read_text()
     assert "FID at n: plain FID of a seeded subset of n = 12 images of every group (--fid-n)" in md
     assert "| FID at n=12 |" in md.split("\n\n| ", 1)[1].splitlines()[0]
+
+
+def test_tables_leave_out_manifest_columns_at_their_constant_default():
+    """quant none, no LoRA, no refiner in every configuration: no table column for them (metrics.parquet
+    keeps them); a column that varies, or is off its default, stays."""
+    m = pd.DataFrame(dict(model=["embedded"] * 2, height=[64, 64], width=[64, 64], quant=["none", "none"],
+                          scheduler=["ddim"] * 2, steps=[4, 20], guidance=[7.5, 7.5], denoising_end=[1.0, 1.0],
+                          cache_interval=[1, 1], lora=["", ""], lora_scale=[1.0, 1.0]))
+    keys = list(m.columns)
+    assert eval_job.shown_keys(m, keys) == ["model", "height", "width", "scheduler", "steps", "guidance"]
+    assert "quant" in eval_job.shown_keys(m.assign(quant=["none", "int8wo"]), keys)
+    assert "cache_interval" in eval_job.shown_keys(m.assign(cache_interval=[3, 3]), keys)
