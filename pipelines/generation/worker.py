@@ -3,8 +3,9 @@
 Ray Data runs one per actor (jobs/raydata/generation.py); the benchmark calls one in
 process. It holds loaded pipelines in a small LRU cache keyed by (model, quant), so an actor loads
 each (model, quantization scheme) once and reuses it across schedulers, steps and guidance;
-a model that cannot load here turns its rows into error rows instead of killing the actor. Nothing here imports ray: where the
-batch attempts are counted across actor restarts is passed in (`attempts`).
+a model that cannot load here turns its rows into error rows instead of killing the actor.
+Nothing here imports ray: where the batch attempts are counted across actor restarts is
+passed in (`attempts`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import io
 import os
 import platform
 import socket
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -44,7 +45,7 @@ class GenerateActor:
             torch.set_num_threads(torch_threads)
         self.specs, self.dtype, self.batch_size, self.cache_size = specs, dtype, batch_size, cache_size
         self.loras = loras or {}  # adapter name -> LoraSpec (pipelines/registry/loras.py)
-        self.loads: dict[str, int] = {}  # "model:<name>" / "lora:<name>" -> times loaded by this actor
+        self.loads: Counter[str] = Counter()  # "model:<name>" / "lora:<name>" -> times loaded by this actor
         self.batching = batching
         self.speed = SpeedOptions(**(speed or {}))
         self.text_caches: dict = {}  # (model, quant) -> prompt embeddings (continuous batching)
@@ -79,7 +80,7 @@ class GenerateActor:
         with PeakMemory(self.device) as peak:  # this process's peak: resident set on CPU, allocated on a GPU
             model = load_model(self.specs[name[0]], self.device, self.dtype, quant=name[1])
             load_key = f"model:{name[0]}" + (f"@{name[1]}" if name[1] != "none" else "")
-            self.loads[load_key] = self.loads.get(load_key, 0) + 1
+            self.loads[load_key] += 1
             if model.spec.refiner:  # SDXL base+refiner: the refiner finishes rows with denoising_end < 1
                 model.extras["refiner"] = load_model(self.specs[model.spec.refiner], self.device, self.dtype)
             apply_speed_options(model.pipe, self.speed)
@@ -105,11 +106,11 @@ class GenerateActor:
         return {**fields, "worker": self.worker, "device": f"{self.device}:{self.device_name}",
                 "created_at": created_at, **self.versions}
 
-    def _failed_rows(self, part: pd.DataFrame, message: str) -> list[dict]:
+    def _failed_rows(self, sample_ids, message: str) -> list[dict]:
         now = dt.datetime.now(dt.timezone.utc)
         return [self._row(now, sample_id=sid, pixels=None, status="error", error=message, prompt_truncated=False,
                           gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None, lora_digest=None, **NO_QUANT)
-                for sid in part["sample_id"]]
+                for sid in sample_ids]
 
     def _model_rows(self, name: tuple, part: pd.DataFrame) -> list[dict]:
         """The result rows of one (model, quant)'s part of a batch; error rows if it cannot load here."""
@@ -121,19 +122,19 @@ class GenerateActor:
                 self.load_failures[name] = (f"{what} could not be loaded (or its warm-up call failed) on "
                                             f"{self.worker}: {innermost_cause(e)}")
         if name in self.load_failures:
-            return self._failed_rows(part, self.load_failures[name])
+            return self._failed_rows(part["sample_id"], self.load_failures[name])
         now = dt.datetime.now(dt.timezone.utc)  # batch start: the benchmark measures start-up from it
         out = []
-        if "lora" not in part:  # rows made without the LoRA columns (e.g. the benchmark's)
-            part = part.assign(lora="", lora_scale=1.0)
-        for (lora, scale), group in part.groupby(["lora", "lora_scale"], sort=False):  # one adapter set per call
-            rows = [Row.of(r) for r in group.to_dict("records")]
+        by_adapters: dict[tuple, list[Row]] = {}  # one adapter set per call; Row.of fills columns a part lacks
+        for row in (Row.of(r) for r in part.to_dict("records")):
+            by_adapters.setdefault((row.lora, row.lora_scale), []).append(row)
+        for (lora, scale), rows in by_adapters.items():
             try:  # rows that fail are error results already; this catches a failure of the model's whole part
                 digest = self._adapters(model).use(lora, scale)
                 results = self._generate(name, model, rows)
             except Exception as e:  # noqa: BLE001 - one model's failure never takes the other models' rows down
-                out += self._failed_rows(group, f"{what}{f' with lora {lora!r}' if lora else ''} failed on "
-                                                f"{self.worker}: {innermost_cause(e)}")
+                why = f"{what}{f' with lora {lora!r}' if lora else ''} failed on {self.worker}: {innermost_cause(e)}"
+                out += self._failed_rows([r.sample_id for r in rows], why)
                 continue
             out += [self._row(now, sample_id=res.sample_id, pixels=None if res.pixels is None else res.pixels.tobytes(),
                               status=res.status, error=res.error, prompt_truncated=res.prompt_truncated,
@@ -152,15 +153,15 @@ class GenerateActor:
         return model.extras["adapters"]
 
     def _count_lora(self, adapter: str) -> None:
-        self.loads[f"lora:{adapter}"] = self.loads.get(f"lora:{adapter}", 0) + 1
+        self.loads[f"lora:{adapter}"] += 1
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # Which attempt at this batch this is (1 = first), counted across actor restarts; 0 when not counted.
         attempt = self.attempts(batch_key(batch["sample_id"])) if self.attempts else 0
         if self.max_attempts and attempt > self.max_attempts:  # the previous attempts killed their actors
-            out = self._failed_rows(batch, f"the worker died {attempt - 1} times running this batch of {len(batch)} "
-                                           f"row(s) (killed, out of host memory, or crashed); --max-retries "
-                                           f"{self.max_attempts - 1} exhausted")
+            why = (f"the worker died {attempt - 1} times running this batch of {len(batch)} row(s) (killed, out of "
+                   f"host memory, or crashed); --max-retries {self.max_attempts - 1} exhausted")
+            out = self._failed_rows(batch["sample_id"], why)
         else:
             if "quant" not in batch:  # a batch of rows written before the column existed
                 batch = batch.assign(quant="none")
