@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default=None, metavar="FILE.parquet",
                    help="append records here and check for regressions (quality: default OUT/quality_history.parquet)")
     p.add_argument("--images", type=int, default=64, help="quality: images generated and evaluated (default 64)")
-    p.add_argument("--prompts", default=None, metavar="FILE.txt",
-                   help="quality: prompts, one per line (default for embedded: 8 captions of its domain)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="quality: prompts, as make_manifest reads them (.txt one per line, .csv/.jsonl/.parquet with a "
+                        "prompt column; default for embedded: 8 captions of its domain)")
     p.add_argument("--reference", default=None,
                    help="quality: evaluate's --reference (default for embedded: embedded:500)")
     p.add_argument("--plot", action="store_true", help="quality: draw the history to OUT/quality_history.png")

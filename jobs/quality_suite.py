@@ -19,19 +19,15 @@ import pandas as pd
 from pipelines.benchmarking import environment, quality_history
 from pipelines.errors import InputError
 from pipelines.registry.models import ModelRegistry
+from pipelines.sweep import read_prompts
 
 EXIT_REGRESSION = 3
 
 
 def manifest_rows(args, spec) -> list[dict]:
     """The fixed sweep: --images rows over the prompts, seeds 0, 1, ... per prompt."""
-    if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise InputError(f"--prompts: file {str(path)!r} does not exist")
-        prompts = [p.strip() for p in path.read_text(encoding="utf-8").splitlines() if p.strip()]
-        if not prompts:
-            raise InputError(f"--prompts: {path} holds no prompts")
+    if args.prompts:  # .txt, .csv, .jsonl or .parquet, as make_manifest reads them
+        prompts = read_prompts(args.prompts, "--prompts").prompt.tolist()
     elif spec.name == "embedded":
         from evals.shapes import sample_captions
 
