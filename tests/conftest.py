@@ -58,7 +58,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from pipelines.registry.models import ModelRegistry, load_model
+    from pipelines.registry.models import ModelRegistry
+    from pipelines.registry.loading import load_model
 
     return load_model(ModelRegistry().get("tiny-random"))
 

@@ -77,7 +77,7 @@ def rows_for(**cols):
 def embedded_model():
     """The shipped trained model: feature reuse relies on features that change slowly from
     step to step, which a trained UNet has and a random one does not."""
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
 
     return load_model(REG.get("embedded"))
 

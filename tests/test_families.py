@@ -13,7 +13,8 @@ from PIL import Image
 
 from jobs import generate as gen_job
 from pipelines.generation.grouped import generate
-from pipelines.registry.models import ModelRegistry, load_model
+from pipelines.registry.models import ModelRegistry
+from pipelines.registry.loading import load_model
 from pipelines.registry.schedulers import make_scheduler, scheduler_names
 from pipelines.registry.tiny_families import TINY_FAMILIES, write_tiny_models
 from pipelines.seeding import row_generators

@@ -10,7 +10,8 @@ import yaml
 
 from jobs import generate as gen_job
 from pipelines.errors import InputError
-from pipelines.registry.models import ModelConfigError, ModelNotFoundError, check_available, load_models_yaml
+from pipelines.registry.models import ModelConfigError, ModelNotFoundError, load_models_yaml
+from pipelines.registry.loading import check_available
 from tests.conftest import write_parquet
 
 BILLION_LAUGHS = "\n".join(
@@ -210,7 +211,7 @@ def test_auto_pipeline_checks_the_class_model_index_names(tmp_path, capsys, save
 
 
 def test_a_healthy_copy_passes_and_loads_without_the_torch_dtype_warning(tmp_path, saved_tiny, recwarn):
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
 
     (tmp_path / "models.yaml").write_text(damaged_copy(saved_tiny, tmp_path, lambda d: None))
     spec = load_models_yaml(tmp_path / "models.yaml")["broken"]

@@ -80,7 +80,7 @@ def test_sample_ids_of_rows_without_quant_stay_the_same():
 
 @pytest.fixture(scope="module")
 def plain_unet_bytes():
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
     from pipelines.registry.quant import weights_bytes
 
     return weights_bytes(load_model(ModelRegistry().get("embedded"), "cpu").pipe.unet)
@@ -91,7 +91,7 @@ def plain_unet_bytes():
 def test_the_loaded_denoiser_is_really_quantized(scheme, storage, plain_unet_bytes):
     import torch
 
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
     from pipelines.registry.quant import weights_bytes
 
     assert scheme in CPU_SCHEMES
@@ -110,7 +110,7 @@ def test_the_loaded_denoiser_is_really_quantized(scheme, storage, plain_unet_byt
 def test_a_registry_setting_also_quantizes_the_text_encoders(tmp_path):
     import torch
 
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
 
     models = tmp_path / "models.yaml"
     models.write_text("models:\n  emb-te:\n    base: embedded\n    quantize_text_encoders: true\n")

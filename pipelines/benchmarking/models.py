@@ -17,7 +17,8 @@ def resolve_models(names: list[str] | None, models_file: str | None, dtype_flag:
     diffusers directory, so plain diffusers, the actor and the Ray job all load the same
     files the usual way. `names` None: the device's default models."""
     from pipelines.benchmarking.architectures import ARCHITECTURES
-    from pipelines.registry.models import ModelRegistry, check_available, load_models_yaml, resolve_dtype
+    from pipelines.registry.models import ModelRegistry, load_models_yaml
+    from pipelines.registry.loading import check_available, resolve_dtype
 
     registry = ModelRegistry.with_user_file(models_file)
     user = set(load_models_yaml(models_file)) if models_file else set()
@@ -68,7 +69,7 @@ def cpu_default() -> str:
 def pipe_for_flops(spec, arch: str | None):
     """FLOPs need only the architecture: a meta-device build when it is a known one, else the model's configs."""
     from pipelines.benchmarking.architectures import build_random_pipeline
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
 
     if arch is not None:
         return build_random_pipeline(arch, device="meta")

@@ -27,7 +27,7 @@ def time_plain(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     """A user's loop: one pipeline; per configuration, set its scheduler and call it per
     batch. Returns (median pass seconds, pixels of the first batch by sample_id, peak bytes,
     (device busy, profiled pass seconds) or None)."""
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
 
     loaded = load_model(spec, device, dtype)  # from_pretrained + .to(device), safety checker off
     groups = [g for _, g in rows.groupby(CONFIG_COLUMNS, sort=False)]
@@ -89,7 +89,7 @@ def float32_reference(spec, rows: pd.DataFrame, first_batch: dict, device: str) 
     composition (<= 1/255, tested), so a smaller batch than the timed one is fine."""
     import torch
 
-    from pipelines.registry.models import load_model
+    from pipelines.registry.loading import load_model
 
     chunk = rows[rows.sample_id.isin(list(first_batch)[:REFERENCE_ROWS])]  # rows' order: the batch's
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

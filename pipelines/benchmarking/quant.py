@@ -21,7 +21,8 @@ import numpy as np
 from evals import shapes as domain
 from evals.stats import bootstrap_ci
 from pipelines.embedded.measure import DomainClip, frechet_distance, generate
-from pipelines.registry.models import ModelRegistry, load_model
+from pipelines.registry.models import ModelRegistry
+from pipelines.registry.loading import load_model
 from pipelines.registry.quant import SCHEMES, weights_bytes
 
 

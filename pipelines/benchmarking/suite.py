@@ -60,7 +60,7 @@ def _quiet_progress_bars() -> None:
 def time_model(args, env: dict, name: str, spec, weights: str, arch: str | None, batches: list[int], work_dir: Path,
                ray_job) -> list[dict]:
     """Every batch size of one model: FLOPs counted once, then the paths timed per batch size."""
-    from pipelines.registry.models import resolve_dtype
+    from pipelines.registry.loading import resolve_dtype
 
     device = env["device"]
     dtype = resolve_dtype(spec, device, args.dtype)

@@ -18,7 +18,7 @@ from evals import shapes as domain
 from pipelines.embedded.measure import caption_rows
 from pipelines.generation.grouped import generate
 from pipelines.registry.loras import BUILTIN_LORAS, Adapters
-from pipelines.registry.models import LoadedModel
+from pipelines.registry.loading import LoadedModel
 
 NAME = "black_background"
 

@@ -24,7 +24,8 @@ from evals.clip_score import clip_score, raw_clip_scores
 from pipelines.contract import Row, sample_id
 from pipelines.embedded import CLIP_DIR
 from pipelines.generation.grouped import generate as generate_rows
-from pipelines.registry.models import LoadedModel, ModelRegistry, load_model
+from pipelines.registry.models import ModelRegistry
+from pipelines.registry.loading import LoadedModel, load_model
 
 
 def load_embedded(device: str = "cpu") -> LoadedModel:

@@ -33,7 +33,7 @@ from pipelines.generation.denoise import RowState, decode, denoise_step, start_r
 from pipelines.generation.grouped import as_rows, generate
 from pipelines.generation.results import RowResult, image_result, prompts_truncated
 from pipelines.generation.retry import run_with_split, sync
-from pipelines.registry.models import LoadedModel
+from pipelines.registry.loading import LoadedModel
 from pipelines.registry.schedulers import make_scheduler
 from pipelines.seeding import row_generators
 

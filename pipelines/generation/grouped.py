@@ -17,7 +17,7 @@ from pipelines.generation.batch_size import BatchSizes
 from pipelines.generation.pipeline_call import probe_row, run_batch
 from pipelines.generation.results import RowResult
 from pipelines.generation.retry import run_with_split
-from pipelines.registry.models import LoadedModel
+from pipelines.registry.loading import LoadedModel
 
 
 def as_rows(rows: Sequence[Row | Mapping]) -> list[Row]:

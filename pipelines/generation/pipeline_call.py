@@ -19,7 +19,7 @@ from pipelines.generation.deepcache import deep_cache
 from pipelines.generation.results import RowResult, image_result, prompts_truncated, to_pixels
 from pipelines.generation.retry import sync
 from pipelines.registry.families import FLUX, max_sequence_length, pipeline_name
-from pipelines.registry.models import LoadedModel
+from pipelines.registry.loading import LoadedModel
 from pipelines.registry.schedulers import make_scheduler
 from pipelines.seeding import row_generators
 

@@ -17,7 +17,8 @@ import pyarrow as pa
 from pipelines.contract import RESULT_SCHEMA
 from pipelines.errors import InputError
 from pipelines.registry.loras import adapters, check_available as check_lora_available
-from pipelines.registry.models import ModelRegistry, check_available
+from pipelines.registry.models import ModelRegistry
+from pipelines.registry.loading import check_available
 from pipelines.validation import manifest_digest, order_by_run_key, validate_manifest
 from pipelines.storage.lease import Lease
 from pipelines.storage.manifest import read_manifest

@@ -67,7 +67,7 @@ class GenerateActor:
     def _model(self, name: tuple):
         from pipelines.benchmarking.memory import PeakMemory
         from pipelines.generation.grouped import warm_up
-        from pipelines.registry.models import load_model
+        from pipelines.registry.loading import load_model
         from pipelines.registry.quant import weights_bytes
 
         if name in self.models:
