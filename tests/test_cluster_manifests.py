@@ -83,7 +83,7 @@ RESOURCES = {
     "RayCluster": {"apiVersion!": str, "kind!": str, "metadata!": OBJECT_META, "spec!": RAY_CLUSTER_SPEC},
     "RayCronJob": {"apiVersion!": str, "kind!": str, "metadata!": OBJECT_META, "spec!": RAY_CRON_JOB_SPEC},
 }
-KUBERAY_FILES = ["rayjob.yaml", "benchmark-cronjob.yaml"]
+KUBERAY_FILES = ["rayjob.yaml", "benchmark-cronjob.yaml", "quality-cronjob.yaml"]
 
 
 def problems(value, spec, where: str) -> list[str]:
@@ -143,6 +143,19 @@ def test_the_schema_catches_what_kuberay_would_reject():
     assert "headGroupSpec.template.spec: missing required key 'containers'" in found
 
 
+def entrypoint_parses(entrypoint: str) -> None:
+    """The entrypoint's flags are ones its job accepts (the job's own parser; exit 2 otherwise)."""
+    import importlib
+    import shlex
+
+    _, script, *argv = shlex.split(entrypoint)
+    job = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    try:
+        job.parse_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{entrypoint!r}: {script} refuses its arguments (exit {e.code})")
+
+
 @pytest.mark.parametrize("name", KUBERAY_FILES)
 def test_kuberay_resources_have_the_fields_kuberay_reads_where_it_reads_them(name):
     doc = load(name)
@@ -152,6 +165,7 @@ def test_kuberay_resources_have_the_fields_kuberay_reads_where_it_reads_them(nam
     job = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
     if doc["kind"] != "RayCluster":
         assert job["entrypoint"].strip().startswith("python jobs/"), job["entrypoint"]
+        entrypoint_parses(job["entrypoint"])
         assert job.get("shutdownAfterJobFinishes") is True, f"{name}: the cluster (GPUs) would outlive the job"
         env = yaml.safe_load(job["runtimeEnvYAML"])  # a YAML string in the CRD, a runtime_env inside
         from ray.runtime_env import RuntimeEnv
