@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def generate_token(home: Path) -> Path:
 def ray_head(tmp_path_factory):
     """A head node with token authentication, in its own process group; `--block` ties the node
     to that process, so stopping the group stops exactly this cluster (not the session's
-    ray.init one). Yields the ray CLI, the dashboard address and the head's token file."""
+    ray.init one). Yields the ray CLI, the dashboard address, the head's token file and its GCS address."""
     ray_cli = shutil.which("ray")
     assert ray_cli, "the ray CLI comes with ray[default]"
     token = generate_token(tmp_path_factory.mktemp("head-home"))
@@ -59,7 +60,7 @@ def ray_head(tmp_path_factory):
         env=env_with(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)),
     )
     try:
-        yield ray_cli, f"http://127.0.0.1:{dash}", token
+        yield ray_cli, f"http://127.0.0.1:{dash}", token, f"127.0.0.1:{port}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -84,7 +85,7 @@ def submit(ray_cli, address, args, env) -> subprocess.CompletedProcess:
 
 
 def test_generate_runs_under_ray_job_submit(tmp_path, ray_head):
-    ray_cli, address, token = ray_head
+    ray_cli, address, token, _ = ray_head
     manifest = write_parquet(tmp_path / "m.parquet", [dict(prompt=f"p{i}", seed=i, steps=2, model="tiny-random")
                                                        for i in range(4)])
     out = tmp_path / "results"
@@ -103,7 +104,7 @@ def test_generate_runs_under_ray_job_submit(tmp_path, ray_head):
 @pytest.mark.parametrize("case", ["no-token", "token-without-auth-mode", "wrong-token"])
 def test_submit_without_the_clusters_token_is_refused(tmp_path, ray_head, case):
     """The head really enforces authentication: a client without its token cannot run code."""
-    ray_cli, address, token = ray_head
+    ray_cli, address, token, _ = ray_head
     client, refusal = {
         "no-token": ({}, "Missing authentication token"),
         # A client sends its token only when its own RAY_AUTH_MODE is token.
@@ -163,3 +164,21 @@ def test_cluster_launcher_mounts_the_token_and_sets_token_mode_on_every_node():
     assert "--env RAY_AUTH_MODE=token" in doc["docker"]["run_options"], doc["docker"]["run_options"]
     text = (CLUSTER / "cluster.yaml").read_text() + (CLUSTER / "runtime_env.yaml").read_text()
     assert "RAY_AUTH_MODE=disabled" not in text
+
+
+def test_a_job_without_the_clusters_token_says_so_in_one_line(tmp_path, ray_head):
+    """jobs/generate.py run by hand against the cluster (RAY_ADDRESS) with a wrong token: exit 2,
+    one error line that says what to set, and --out not created (Ray's own retry lines before it
+    are its C++ logging)."""
+    _, _, _, gcs = ray_head
+    manifest = write_parquet(tmp_path / "m.parquet", [dict(prompt="p", seed=0, steps=2, model="tiny-random")])
+    out = tmp_path / "results"
+    env = env_with(RAY_ADDRESS=gcs, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64,
+                   RAY_gcs_server_port_wait_time_s="2")  # Ray's connect retries: 2 s instead of ~20
+    proc = subprocess.run([sys.executable, "jobs/generate.py", str(manifest), "--out", str(out), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last.startswith(f"error: cannot connect to {gcs}: it uses token authentication"), last
+    assert "RAY_AUTH_TOKEN" in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, one_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,12 +25,7 @@ def init_ray(schedule_timeout_s: float | None = None):
     import ray
 
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level="WARNING")
-        else:
-            env = {"PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
-                   "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
-            ray.init(runtime_env={"env_vars": env}, logging_level="WARNING")
+        _connect(ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the jobs draw their own (and Ray need not say it drew none)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
@@ -40,6 +35,43 @@ def init_ray(schedule_timeout_s: float | None = None):
     if schedule_timeout_s:
         ctx.wait_for_min_actors_s = int(max(1, schedule_timeout_s))
     return ray
+
+
+def _connect(ray) -> None:
+    """ray.init: the cluster RAY_ADDRESS names; else a `ray start` cluster running on this
+    machine (Ray joins it by itself); else a new local Ray. A cluster that refuses us (its
+    token authentication, a dead address) is the user's setup to fix: one line, exit 2."""
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level="WARNING")
+        else:
+            env = {"PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
+                   "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
+            ray.init(runtime_env={"env_vars": env}, logging_level="WARNING")
+    except Exception as e:  # ray.exceptions.AuthenticationError, ConnectionError, RuntimeError
+        raise InputError(_connect_error(e)) from None
+
+
+def _connect_error(e: Exception) -> str:
+    """What went wrong in ray.init, in one line. Ray wraps the cause (an AuthenticationError
+    inside a RuntimeError whose text holds a traceback), so the whole chain is read."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = "\n".join(f"{type(x).__name__}: {x}" for x in chain)
+    last = [ln.strip() for ln in str(chain[-1]).splitlines() if ln.strip()]
+    cause = one_line(last[-1] if last else type(chain[-1]).__name__, 300)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "local") and "Failed to connect" not in text:
+        return f"could not start a local Ray: {cause}"
+    where = address if address not in ("", "auto") else "the Ray cluster running on this machine (ray start)"
+    if "AuthenticationError" in text or "InvalidAuthToken" in text or "authentication token" in text.lower():
+        return (f"cannot connect to {where}: it uses token authentication and refused this process's token: set "
+                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or "
+                "~/.ray/auth_token; README 'Quickstart'), or RAY_ADDRESS=local for a private local Ray")
+    return f"cannot connect to {where}: {cause}; check RAY_ADDRESS, or set RAY_ADDRESS=local for a private local Ray"
 
 
 class _RayDataConsoleFilter(logging.Filter):
