@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from jobs import generate as gen_job
+from pipelines.benchmarking.environment import cpu_name
 from pipelines.contract import MANIFEST_COLUMNS, RESULT_COLUMNS
 from tests.conftest import ROOT, write_parquet
 
@@ -53,6 +54,7 @@ def test_sweep_output_is_complete_and_typed(sweep):
         assert decode(png).shape == (h, w, 3) == (32, 32, 3)
     assert (df.gen_seconds > 0).all() and df.batch_size.between(1, 8).all()  # auto on CPU: 8
     assert df.model_digest.nunique() == 1 and df.device.str.startswith("cpu").all()
+    assert (df.device == f"cpu:{cpu_name()}").all()  # the CPU model (/proc/cpuinfo), not platform's "cpu"
     assert (df["dtype"] == "float32").all()  # resolved from --dtype auto on CPU
     run = json.loads((out / "_run.json").read_text())
     assert run["runs"][-1]["ok"] == 48 and run["manifest_rows"] == 48

@@ -14,7 +14,6 @@ import datetime as dt
 import hashlib
 import io
 import os
-import platform
 import socket
 from collections import Counter, OrderedDict
 from typing import Callable
@@ -22,6 +21,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from pipelines.benchmarking.environment import cpu_name
 from pipelines.contract import Row
 from pipelines.errors import innermost_cause
 from pipelines.generation.batch_size import BatchSizes
@@ -51,7 +51,7 @@ class GenerateActor:
         self.text_caches: dict = {}  # (model, quant) -> prompt embeddings (continuous batching)
         self.batch_sizes: dict = {}  # (model, quant) -> BatchSizes (None: fitted to free memory)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu"
+        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else cpu_name()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.models: OrderedDict = OrderedDict()
         self.load_failures: dict[tuple, str] = {}  # (model, quant) -> why it cannot load here (rows become errors)
