@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from any directory
 from jobs.cli import OneLineParser, at_least  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
 from pipelines.generation.plan import plan  # noqa: E402
-from pipelines.generation.speed import COMPILE_MODES, SpeedOptions  # noqa: E402
+from pipelines.generation.speed import COMPILE_MODES, SpeedOptions, check_speed_options  # noqa: E402
 from pipelines.storage.lease import DEFAULT_TTL_S  # noqa: E402
 
 
@@ -42,13 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "continuous: rows of different scheduler/steps/guidance share UNet calls and a finished "
                         "row's slot goes to the next row (Stable Diffusion 1.x/2.x-type pipelines; others use config)")
     p.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory layout for UNet and VAE (speed only; pixels equal within float tolerance)")
+                   help="NHWC memory layout for UNet and VAE (SD3/FLUX: the VAE; speed only; pixels equal within float "
+                        "tolerance)")
     p.add_argument("--fuse-qkv", action="store_true",
-                   help="fused query/key/value projections in UNet and VAE attention (speed only; pixels equal within "
-                        "float tolerance)")
+                   help="fused query/key/value projections in the UNet or transformer and VAE attention (refused for "
+                        "SD 3.5-type transformers; speed only; pixels equal within float tolerance)")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES, metavar="MODE",
-                   help="torch.compile UNet and VAE decoder with this mode (" + ", ".join(COMPILE_MODES)
-                        + "; default none); the warm-up pays the compile once per actor and model")
+                   help="torch.compile the UNet or transformer and the VAE decoder with this mode ("
+                        + ", ".join(COMPILE_MODES) + "; default none); the warm-up pays the compile once per actor and model")
     p.add_argument("--pool-size", type=at_least(1, int), default=None, help="generation actors (default: one per GPU, 1 on CPU)")
     p.add_argument("--num-gpus", type=at_least(0), default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=at_least(0), default=1, help="CPUs Ray reserves per actor (default 1)")
@@ -90,12 +91,15 @@ def _batch_size(text: str) -> int | str:
 def run_options(args):
     """The flags that change only how the run goes (never pixels)."""
     from jobs.raydata.generation import RunOptions
-    speed = SpeedOptions(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
-    return RunOptions(dtype=args.dtype, batch_size=args.batch_size, batching=args.batching, speed=speed,
+    return RunOptions(dtype=args.dtype, batch_size=args.batch_size, batching=args.batching, speed=speed_options(args),
                       pool_size=args.pool_size, num_gpus=args.num_gpus, cpus_per_actor=args.cpus_per_actor,
                       torch_threads=args.torch_threads, shard_rows=args.shard_rows, flush_seconds=args.flush_seconds,
                       max_retries=args.max_retries, schedule_timeout=args.schedule_timeout,
                       progress=not args.no_progress)
+
+
+def speed_options(args) -> SpeedOptions:
+    return SpeedOptions(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
 
 
 def run(args) -> int:
@@ -104,6 +108,8 @@ def run(args) -> int:
     p = plan(args.manifest, args.out, model=args.model, models_file=args.models, lease_seconds=args.lease_seconds,
              overwrite=args.overwrite, retry_errors=args.retry_errors, limit=args.limit)
     try:
+        models = sorted(set(p.manifest.column("model").to_pylist()))
+        check_speed_options(speed_options(args), p.registry.with_refiners(models).values())
         record, this_run = new_record(p, args.manifest, dict(vars(args)), _versions())
         if p.todo.num_rows == 0:
             this_run.update(finished_at=now(), ok=0, error=0, shards=0)

@@ -407,3 +407,123 @@ def test_sdxl_base_and_refiner_rows_match_diffusers_recipe(registry, loaded, fam
     job = dict(zip(df.tag, df.image))
     for r, px in zip(REFINED_ROWS, ref):
         assert max_diff(np.asarray(Image.open(io.BytesIO(job[r["tag"]])).convert("RGB")), px) <= 1, r["tag"]
+
+
+# Speed options per family (issue 15): each applies to the family's denoiser (`unet` or `transformer`),
+# VAE and refiner with the pixels unchanged, or is refused before the run with the reason.
+
+def with_speed(model, options):
+    """A copy of a loaded model (and its refiner) with speed options applied to deep copies of the pipelines."""
+    import copy
+
+    from pipelines.generation.speed import apply_speed_options
+
+    fast = copy.copy(model)
+    fast.pipe = apply_speed_options(copy.deepcopy(model.pipe), options)
+    fast.extras = dict(model.extras)
+    if "refiner" in model.extras:
+        fast.extras["refiner"] = with_speed(model.extras["refiner"], options)
+    return fast
+
+
+@pytest.mark.parametrize("model", ["tiny-sd2v", "tiny-sdxl+refiner", "tiny-sd3", "tiny-flux-dev"])
+def test_channels_last_and_fused_qkv_keep_pixels_per_family(loaded, model):
+    """--channels-last and --fuse-qkv on every family: the denoiser's attention fused (SD3/FLUX joint
+    attention included), the VAE in NHWC, the SDXL refiner too; pixels within 1/255 of the eager model."""
+    from pipelines.generation.speed import SpeedOptions, denoiser_name
+
+    rows = batch_rows(model)[:2]
+    base = loaded(rows[0]["model"])
+    fast = with_speed(base, SpeedOptions(channels_last=True, fuse_qkv=True))
+    for pipe in [fast.pipe] + ([fast.extras["refiner"].pipe] if "refiner" in fast.extras else []):
+        denoiser = getattr(pipe, denoiser_name(pipe))
+        attention = [m for m in denoiser.modules() if hasattr(m, "fused_projections")]
+        assert attention and all(m.fused_projections for m in attention), type(denoiser).__name__
+        assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    ours, eager = generate(fast, rows), generate(base, rows)
+    assert [r.status for r in ours] == ["ok", "ok"], [r.error for r in ours]
+    assert max(max_diff(a.pixels, b.pixels) for a, b in zip(ours, eager)) <= 1
+
+
+def test_compile_wraps_the_transformer_and_the_vae_decoder(loaded):
+    """--compile on FLUX compiles the denoiser it has (`transformer`, no `unet`) and the VAE decoder; the
+    compiled pipeline still reads the transformer's config through the wrapper. (Compiling is slow on a
+    CPU: the SD 1.x compiled generation is tests/test_speed.py's.)"""
+    from pipelines.generation.speed import SpeedOptions
+
+    model = loaded("tiny-flux-dev")
+    pipe = with_speed(model, SpeedOptions(compile="default")).pipe
+    assert type(pipe.transformer).__name__ == "OptimizedModule" and getattr(pipe, "unet", None) is None
+    assert type(pipe.transformer._orig_mod).__name__ == "FluxTransformer2DModel"
+    assert type(pipe.vae.decoder).__name__ == "OptimizedModule"
+    assert pipe.transformer.config.guidance_embeds is True
+
+
+@pytest.mark.parametrize("model", ["tiny-sd2v", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux-dev"])
+def test_batch_size_auto_probes_each_familys_denoiser_at_its_costliest(registry, loaded, model):
+    """--batch-size auto measures peaks of probe calls (pipeline_call.measure_peaks; CUDA only, so here the
+    calls themselves): each probe row is one validation accepts for the model, and the family's denoiser
+    sees two rows' worth per row and step: CFG's doubled batch (SD, SDXL, SD3), true CFG's second forward (FLUX)."""
+    from dataclasses import asdict
+
+    from pipelines.generation.pipeline_call import probe_row, run_batch
+
+    spec = registry.get(model)
+    probes = [probe_row(spec, 32, 32, seed=i) for i in (0, 1)]
+    validate_manifest(pa.Table.from_pylist([asdict(r) for r in probes]), registry)
+    pipe = loaded(model).pipe
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    seen = []
+    hook = denoiser.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+    try:
+        results = run_batch(loaded(model), probes)
+    finally:
+        hook.remove()
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    assert sum(seen) == 2 * 2 * 2, seen  # 2 steps x 2 rows x 2 (guidance)
+
+
+@pytest.fixture(scope="module")
+def sd35_type(tmp_path_factory, models_yaml):
+    """A tiny SD 3.5-type model (transformer with qk_norm and a dual-attention layer) in the models YAML."""
+    import yaml
+    from diffusers import SD3Transformer2DModel
+
+    from pipelines.registry.tiny_families import build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline()
+    pipe.transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                             joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+                                             qk_norm="rms_norm", dual_attention_layers=(0,))
+    tmp = tmp_path_factory.mktemp("sd35")
+    pipe.save_pretrained(tmp / "tiny-sd35", safe_serialization=True)
+    entries = yaml.safe_load(models_yaml.read_text())["models"]
+    entries["tiny-sd35"] = dict(entries["tiny-sd3"], source=str(tmp / "tiny-sd35"))
+    path = tmp / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": entries}))
+    return path
+
+
+def test_fuse_qkv_is_refused_for_sd35_type_transformers_before_the_run(sd35_type, tmp_path, capsys):
+    """diffusers' fused joint attention skips SD 3.5's q/k norms: the job exits 2 before anything is written,
+    naming flag, model, family and why; a worker that gets such a model anyway fails its load, never draws.
+    SD 3.0-type (tiny-sd3), FLUX and UNet models take every option; a hub SD3 whose config is not on disk is refused."""
+    from pipelines.generation.speed import SpeedOptions, apply_speed_options, speed_problem
+
+    registry = ModelRegistry.with_user_file(sd35_type)
+    rows = [dict(prompt="a red circle", model=m, steps=2) for m in ("tiny-sd35", "tiny-flux")]
+    manifest = write_parquet(tmp_path / "m.parquet", rows)
+    code = gen_job.main([str(manifest), "--out", str(tmp_path / "out"), "--models", str(sd35_type), "--fuse-qkv"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert err.startswith("error: --fuse-qkv: model 'tiny-sd35' (SD 3.x) cannot use it:") and "q/k norms" in err, err
+    assert len(err.splitlines()) == 1
+    everything = SpeedOptions(channels_last=True, fuse_qkv=True, compile="default")
+    for name in ("tiny-sd2v", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd3", "tiny-flux", "sd15", "sdxl", "flux-dev"):
+        assert speed_problem(everything, registry.get(name)) is None, name
+    assert "not readable before the run" in speed_problem(everything, registry.get("sd35-medium"))[1]
+    assert speed_problem(SpeedOptions(channels_last=True, compile="default"), registry.get("tiny-sd35")) is None
+    with pytest.raises(ValueError, match="--fuse-qkv"):
+        apply_speed_options(load_model(registry.get("tiny-sd35")).pipe, SpeedOptions(fuse_qkv=True))

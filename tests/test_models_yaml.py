@@ -72,6 +72,7 @@ WRONG_TYPES = [
     ("{source: org/repo, steps: 4}", ["missing keys", "'scheduler'", "'guidance'", "base:"]),
     ("{%s, scheduler: eulr}" % TINY, ["key 'scheduler'", "eulr"]),
     ("[source, x]", ["model 'm'", "(list)", "mapping of settings"]),
+    ("{base: flux-dev, source: x/y, max_sequence_length: 0}", ["key 'max_sequence_length'", "0 (int)", "positive"]),
 ]
 
 
@@ -224,3 +225,14 @@ def test_a_healthy_copy_passes_and_loads_without_the_torch_dtype_warning(tmp_pat
 def test_input_errors_are_the_jobs_exit_2_family():
     assert issubclass(ModelConfigError, InputError) and issubclass(ModelNotFoundError, InputError)
     assert yaml.safe_load(BILLION_LAUGHS)["l0"][0] == "lol"  # the bomb is valid YAML: only the loader's bound stops it
+
+
+def test_t5_text_longer_than_diffusers_allows_is_refused_up_front(tmp_path, capsys):
+    """FluxPipeline and StableDiffusion3Pipeline raise on max_sequence_length > 512 only when called (every
+    row an error row); the models YAML says so before the run, naming the model and the key. 512 is fine."""
+    err = run_generate(tmp_path, capsys, "models:\n  m: {base: flux-dev, source: x/y, max_sequence_length: 1024}\n")
+    for name in ("--models", "model 'm'", "key 'max_sequence_length'", "1024 (int)", "up to 512", "FluxPipeline"):
+        assert name in err, (name, err)
+    path = tmp_path / "ok.yaml"
+    path.write_text("models:\n  m: {base: sd35-medium, source: x/y, max_sequence_length: 512}\n")
+    assert load_models_yaml(path)["m"].max_sequence_length == 512

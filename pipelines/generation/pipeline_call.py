@@ -98,9 +98,15 @@ def feature_reuse(pipe, cache_interval: int):
 
 
 def probe_row(spec, height: int, width: int, seed: int = 0) -> Row:
-    """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with CFG."""
+    """A throwaway row for warm-up and memory probes: 2 steps of the model's scheduler, with the
+    family's most expensive guidance, so `--batch-size auto` fits the rows that cost most: CFG
+    (the denoiser's batch doubled) for SD 1.x/2.x, SDXL and SD3; for FLUX (where `guidance` is
+    the distilled scale, or ignored) the model's guidance and true CFG (a second forward per step,
+    negative embeddings held). A row validation would accept for the model."""
+    flux = pipeline_name(spec) == FLUX
     return Row.of(dict(sample_id=f"probe-{seed}", prompt="probe", negative_prompt="", seed=seed, model=spec.name,
-                       scheduler=spec.scheduler, steps=2, guidance=max(spec.guidance, 2.0), height=height,
+                       scheduler=spec.scheduler, steps=2, guidance=spec.guidance if flux else max(spec.guidance, 2.0),
+                       true_cfg_scale=2.0 if flux else 1.0, height=height,
                        width=width))  # the columns with a constant default (cache_interval, quant) at it
 
 

@@ -1,18 +1,24 @@
 """Speed options: how fast a loaded pipeline runs, never what it draws.
 
 Each option keeps the model's numbers up to the floating-point tolerance of the chosen
-precision (tested: <= 1/255 per pixel on CPU float32), so they are job options
+precision (tested: <= 1/255 per pixel on CPU float32, for every family), so they are job options
 (`jobs/generate.py --channels-last --fuse-qkv --compile MODE`), recorded in `_run.json`, not manifest
 columns. Half precision is the separate `--dtype` option because it changes pixels by more
-than that (see docs/performance.md).
+than that (see docs/performance.md). They apply to the denoiser, whatever the pipeline calls it
+(`unet` for SD 1.x/2.x and SDXL, `transformer` for SD3 and FLUX), to the VAE, and to an SDXL
+model's refiner; an option a model cannot take is refused before the run (`speed_problem`).
 
-- channels_last: NHWC memory layout for the UNet and VAE convolutions (cuDNN's fast path on
-  tensor cores).
+- channels_last: NHWC memory layout for the convolutions of the UNet and the VAE (cuDNN's
+  fast path on tensor cores). SD3 and FLUX transformers are linear layers on patch tokens:
+  there the VAE alone changes layout.
 - fuse_qkv: one matmul for an attention layer's query, key and value projections (key and
-  value for cross-attention) in the UNet and VAE, diffusers' `fuse_qkv_projections`: fewer,
-  larger GEMMs. Models with added KV projections (some SDXL-refiner/IP-adapter setups) and
-  transformers without the method are left as they are.
-- compile: `torch.compile` of the UNet and of the VAE decoder, the two places the time goes.
+  value for cross-attention; also the text stream's added projections in SD3/FLUX joint
+  attention) in the denoiser and the VAE, diffusers' `fuse_qkv_projections`: fewer, larger
+  GEMMs. UNets with added KV projections (some SDXL-refiner/IP-adapter setups) are left as they
+  are. Refused for SD 3.5-type transformers (`qk_norm` or dual attention layers): diffusers'
+  FusedJointAttnProcessor2_0 skips the q/k RMS norms (6/255 off on a tiny one) and fails on
+  the self-attention-only second attention.
+- compile: `torch.compile` of the denoiser and of the VAE decoder, the two places the time goes.
   The first calls compile (seconds to minutes: the warm-up pays it, and the benchmark
   reports it apart); after that, other schedulers, step counts and guidance scales of the
   same image size reuse the graphs, because they change tensor values, not shapes. Batch
@@ -40,26 +46,76 @@ class SpeedOptions:
         return asdict(self)
 
 
+DENOISERS = ("unet", "transformer")
+
+
+def denoiser_name(pipe) -> str | None:
+    """The attribute that holds the pipeline's denoiser: 'unet' or 'transformer' (None: neither)."""
+    return next((n for n in DENOISERS if getattr(pipe, n, None) is not None), None)
+
+
+def speed_problem(options: SpeedOptions, spec) -> tuple[str, str] | None:
+    """(flag, why) for the first option that model `spec` cannot take; None when all apply.
+    Reads only configs already on disk (no torch, no download): the driver checks before the run."""
+    from pipelines.registry.families import component_config, pipeline_name
+
+    if options.fuse_qkv and pipeline_name(spec) == "StableDiffusion3Pipeline":
+        config = component_config(spec, "transformer")
+        if config is None:
+            return "--fuse-qkv", ("its transformer/config.json is not readable before the run (local directory or "
+                                  "Hugging Face cache), so SD 3.5's q/k norms, which diffusers' fused joint attention "
+                                  "skips, cannot be ruled out")
+        if config.get("qk_norm") or config.get("dual_attention_layers"):
+            return "--fuse-qkv", ("its transformer is SD 3.5-type (qk_norm or dual attention layers): diffusers' "
+                                  "FusedJointAttnProcessor2_0 skips the q/k norms (other pixels) and cannot run the "
+                                  "self-attention-only second attention")
+    return None
+
+
+def check_speed_options(options: SpeedOptions, specs) -> None:
+    """Refuse (InputError, one line naming flag, model, family and why) an option a model of the run cannot take."""
+    from pipelines.errors import InputError
+    from pipelines.registry.families import family_label
+
+    for spec in specs:
+        problem = speed_problem(options, spec)
+        if problem is not None:
+            flag, why = problem
+            raise InputError(f"{flag}: model {spec.name!r} ({family_label(spec)}) cannot use it: {why}; "
+                             f"run it without {flag}")
+
+
 def apply_speed_options(pipe, options: SpeedOptions):
     """Apply `options` to a loaded diffusers pipeline in place; returns it."""
     import torch
 
+    denoiser = denoiser_name(pipe)
     if options.channels_last:
-        for name in ("unet", "vae"):
+        for name in ("unet", "vae"):  # the convolutional parts (a transformer's layout is its tokens)
             module = getattr(pipe, name, None)
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     if options.fuse_qkv:
-        for name in ("unet", "vae"):
-            module = getattr(pipe, name, None)
+        for name in (denoiser, "vae"):
+            module = getattr(pipe, name, None) if name else None
             if module is not None and hasattr(module, "fuse_qkv_projections") and not _has_added_kv(module):
+                _refuse_unfusable(module)
                 module.fuse_qkv_projections()
     if options.compile != "none":
-        if getattr(pipe, "unet", None) is not None:
-            pipe.unet = torch.compile(pipe.unet, mode=options.compile)
-        if getattr(pipe, "vae", None) is not None:
+        if denoiser is not None and not hasattr(getattr(pipe, denoiser), "_orig_mod"):  # not compiled yet
+            setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode=options.compile))
+        if getattr(pipe, "vae", None) is not None and not hasattr(pipe.vae.decoder, "_orig_mod"):  # a shared VAE
             pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=options.compile)
     return pipe
+
+
+def _refuse_unfusable(module) -> None:
+    """A second guard behind `speed_problem` (a model that got past the driver's check): an SD 3.5-type
+    transformer raises here, at load, rather than drawing other pixels."""
+    config = getattr(module, "config", {})
+    if type(module).__name__ == "SD3Transformer2DModel" and (config.get("qk_norm")
+                                                            or config.get("dual_attention_layers")):
+        raise ValueError("--fuse-qkv: diffusers' fused joint attention skips SD 3.5's q/k norms; run without it")
 
 
 def _has_added_kv(module) -> bool:

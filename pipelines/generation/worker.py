@@ -83,7 +83,8 @@ class GenerateActor:
             self.loads[load_key] += 1
             if model.spec.refiner:  # SDXL base+refiner: the refiner finishes rows with denoising_end < 1
                 model.extras["refiner"] = load_model(self.specs[model.spec.refiner], self.device, self.dtype)
-            apply_speed_options(model.pipe, self.speed)
+            for pipe in [model.pipe] + ([model.extras["refiner"].pipe] if "refiner" in model.extras else []):
+                apply_speed_options(pipe, self.speed)
             warm_up(model)  # also pays torch.compile, if on
         weights = sum(weights_bytes(c) for c in model.pipe.components.values() if hasattr(c, "parameters"))
         model.extras["load"] = {"load_seconds": model.load_seconds, "peak_mem_bytes": peak.peak,

@@ -39,6 +39,16 @@ def pipeline_name(spec) -> str:
         return "auto"
 
 
+LABELS = {"StableDiffusionPipeline": "SD 1.x/2.x", "StableDiffusionXLPipeline": "SDXL",
+          "StableDiffusionXLImg2ImgPipeline": "SDXL refiner", "StableDiffusion3Pipeline": "SD 3.x", FLUX: "FLUX"}
+
+
+def family_label(spec) -> str:
+    """The family as users name it (for messages): 'SDXL', 'SD 3.x', 'FLUX', ..."""
+    name = pipeline_name(spec)
+    return LABELS.get(name, name)
+
+
 @lru_cache(maxsize=256)
 def guidance_embeds(spec) -> bool | None:
     """FLUX only: True for a guidance-distilled (dev) transformer, False for schnell; the registry's
@@ -47,11 +57,27 @@ def guidance_embeds(spec) -> bool | None:
         return None
     if spec.guidance_embeds is not None:
         return spec.guidance_embeds
+    config = component_config(spec, "transformer", hub_cache=False)
+    return None if config is None else bool(config.get("guidance_embeds", False))
+
+
+def component_config(spec, component: str, hub_cache: bool = True) -> dict | None:
+    """A component's config.json (e.g. "transformer") read without loading or downloading anything:
+    from the local model directory, else (`hub_cache`) from the Hugging Face cache; None if not there."""
+    path = Path(spec.source).expanduser() / component / "config.json"
+    if not path.is_file() and hub_cache and "/" in spec.source and not Path(spec.source).expanduser().exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(spec.source, f"{component}/config.json", revision=spec.revision)
+            path = Path(hit) if isinstance(hit, str) else path
+        except Exception:  # noqa: BLE001 - a source that is not a hub id, or no cache: unknown
+            return None
     try:
-        config = json.loads((Path(spec.source).expanduser() / "transformer" / "config.json").read_text())
-        return bool(config.get("guidance_embeds", False))
-    except (OSError, ValueError, AttributeError):
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    return config if isinstance(config, dict) else None
 
 
 def max_sequence_length(spec) -> int | None:

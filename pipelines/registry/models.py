@@ -123,6 +123,7 @@ class ModelRegistry:
 _SPEC_FIELDS = {f.name for f in fields(ModelSpec)}
 _FULL_KEYS = ("source", "scheduler", "steps", "guidance", "height", "width")  # without 'base:'
 _MAX_PROBLEMS = 20
+T5_MAX_TOKENS = 512  # diffusers' SD3 and FLUX pipelines raise above this (check_inputs), so say it up front
 
 
 def _positive_int(v) -> bool:
@@ -147,7 +148,9 @@ _FIELD_TYPES: dict[str, tuple] = {
     "family": (lambda v: v in ("eps", "flow") and isinstance(v, str), "'eps' (DDPM-trained) or 'flow' (flow matching)"),
     "size_factor": (_positive_int, "a positive integer"),
     "max_prompt_tokens": (_positive_int, "a positive integer"),
-    "max_sequence_length": (lambda v: v is None or _positive_int(v), "a positive integer (T5 tokens) or null"),
+    "max_sequence_length": (lambda v: v is None or _positive_int(v) and v <= T5_MAX_TOKENS,
+                            f"a positive integer (T5 tokens) up to {T5_MAX_TOKENS} or null: FluxPipeline and "
+                            f"StableDiffusion3Pipeline refuse more than {T5_MAX_TOKENS} when called"),
     "guidance_embeds": (lambda v: v is None or isinstance(v, bool),
                         "true (FLUX-dev: guidance is embedded), false (FLUX-schnell) or null (read the transformer config)"),
     "refiner": (lambda v: v is None or _text(v), "a registered refiner model's name (an SDXL img2img model) or null"),
