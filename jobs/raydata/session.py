@@ -1,4 +1,4 @@
-"""Connecting a job to Ray: the cluster it was submitted to, or a local one.
+"""Connecting a job to Ray: the cluster it was submitted to (RAY_ADDRESS), or a local one of its own.
 
 Under `ray job submit` (or with RAY_ADDRESS set) the job's runtime environment is the
 submitter's; adding our own would conflict. Only a local Ray started here gets one, so
@@ -38,16 +38,18 @@ def init_ray(schedule_timeout_s: float | None = None):
 
 
 def _connect(ray) -> None:
-    """ray.init: the cluster RAY_ADDRESS names; else a `ray start` cluster running on this
-    machine (Ray joins it by itself); else a new local Ray. A cluster that refuses us (its
-    token authentication, a dead address) is the user's setup to fix: one line, exit 2."""
+    """ray.init: the cluster RAY_ADDRESS names (`ray job submit` sets it; `auto` joins a
+    `ray start` cluster on this machine); without it a new local Ray of this job's own, never
+    whichever cluster another user or test left running here (a bare ray.init() would join
+    it). A cluster that refuses us (its token authentication, a dead address) is the user's
+    setup to fix: one line, exit 2."""
     try:
-        if os.environ.get("RAY_ADDRESS"):
+        if os.environ.get("RAY_ADDRESS", "local") != "local":
             ray.init(logging_level="WARNING")
         else:
             env = {"PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
                    "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
-            ray.init(runtime_env={"env_vars": env}, logging_level="WARNING")
+            ray.init(address="local", runtime_env={"env_vars": env}, logging_level="WARNING")
     except Exception as e:  # ray.exceptions.AuthenticationError, ConnectionError, RuntimeError
         raise InputError(_connect_error(e)) from None
 
@@ -63,10 +65,10 @@ def _connect_error(e: Exception) -> str:
     text = "\n".join(f"{type(x).__name__}: {x}" for x in chain)
     last = [ln.strip() for ln in str(chain[-1]).splitlines() if ln.strip()]
     cause = one_line(last[-1] if last else type(chain[-1]).__name__, 300)
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address in ("", "local") and "Failed to connect" not in text:
+    address = os.environ.get("RAY_ADDRESS", "local")
+    if address == "local":
         return f"could not start a local Ray: {cause}"
-    where = address if address not in ("", "auto") else "the Ray cluster running on this machine (ray start)"
+    where = address if address != "auto" else "the Ray cluster running on this machine (RAY_ADDRESS=auto)"
     if "AuthenticationError" in text or "InvalidAuthToken" in text or "authentication token" in text.lower():
         return (f"cannot connect to {where}: it uses token authentication and refused this process's token: set "
                 "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or "
