@@ -43,6 +43,7 @@ from evals.cost import COST_COLUMNS, cost_metrics, flag_comparable
 from evals.diversity import diversity_by_prompt
 from evals.fid import RefStats, kernel_inception_distance
 from evals.fid_infinity import MIN_SUBSET, fid_at_n, fid_infinity
+from evals.memory import MEMORY_COLUMNS
 from evals.messages import listing
 from evals.prdc import DC_K, PR_K, density_coverage, neighbour_radii, precision_recall
 from evals.stats import bootstrap_ci, fid_bootstrap_ci, kid_bootstrap_ci, weak_comparison_warnings
@@ -62,6 +63,7 @@ DESCRIPTION_COLUMNS = (
     "fid_inf_n_boot", "pr_k", "dc_k", "cmmd_features",
 )
 METRIC_COLUMNS += COST_COLUMNS  # evals/cost.py: the spread of gen_seconds, the calls, device and dtype
+METRIC_COLUMNS += MEMORY_COLUMNS  # evals/memory.py: weights memory, from _run.json (jobs/evaluate.py adds it)
 CI_LEVEL = 0.95  # every interval of the table
 KID_SUBSETS = 50  # KID's point estimate: mean over this many subsets (clean-fid / torchmetrics style)
 FID_INF_MIN_N = 2 * MIN_SUBSET  # FID-infinity fits subsets of several sizes >= MIN_SUBSET: 16 images at least

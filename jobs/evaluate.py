@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 
 from evals import files  # noqa: E402
 from evals.cost import cost_warnings  # noqa: E402
+from evals.memory import add_weights_memory  # noqa: E402
 from evals.metrics_table import comparison_warnings, image_scores, measurement_description, metrics_table  # noqa: E402
 from evals.provenance import run_provenance  # noqa: E402
 from evals.references import BadReference, Reference, save_reference_stats  # noqa: E402
@@ -134,6 +135,7 @@ def evaluate(args) -> int:
         notes.append("no CLIP model (--clip-model or --clip-arch/--clip-pretrained): CLIP score is not computed "
                      "and diversity uses the FID features")
     metrics = metrics_table(ok, df[df.status != "ok"], keys, features, ref, args.n_boot, fid_n=args.fid_n)
+    metrics = add_weights_memory(metrics, ok, keys, args.results)  # per (model, quant), from _run.json
     ref_name = args.reference or "none"
     for col, value in measurement_description(desc, clip_desc, ref_name, ref.n if ref else None, args.n_boot).items():
         metrics[col] = value

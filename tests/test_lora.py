@@ -171,3 +171,54 @@ def test_make_manifest_sweeps_loras_and_scales_from_flags(tmp_path, capsys):
     assert make_manifest.main(["--prompt", "a", "--loras", "../evil.safetensors", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--loras" in err and "registered adapter names" in err, err
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tmp_path_factory):
+    """A registry with a second adapter for the embedded model: peft LoRA layers on the same
+    attention projections as the shipped one, with random (non-zero) B matrices so it moves
+    pixels, saved as safetensors and registered through a models YAML."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from pipelines.embedded import MODEL_DIR
+    from pipelines.embedded.training.lora import TARGET_MODULES, save_lora
+
+    tmp = tmp_path_factory.mktemp("second_adapter")
+    unet = UNet2DConditionModel.from_pretrained(MODEL_DIR / "unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op adapter)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    save_lora(StableDiffusionPipeline, get_peft_model_state_dict(unet), tmp / "adapters", "speckle.safetensors")
+    models = tmp / "models.yaml"
+    models.write_text("loras:\n  speckle: {source: adapters/speckle.safetensors, fits: [embedded]}\n")
+    return ModelRegistry.with_user_file(models)
+
+
+def test_stacked_adapters_on_the_embedded_model(second_adapter):
+    """a+b at scales (1, 0) is a alone; a+b at (1, 1) is neither a nor b; each adapter loads once."""
+    from pipelines.generation.worker import GenerateActor
+
+    reg, a, b = second_adapter, "black_background", "speckle"
+    configs = [([a], [1.0]), ([a, b], [1.0, 0.0]), ([a, b], [1.0, 1.0]), ([b], [1.0])]
+    n, k = 2, len(configs)
+    table = pa.table({"prompt": CAPTIONS[:n] * k, "seed": [1, 2] * k, "steps": [4] * (n * k),
+                      "lora": [lo for lo, _ in configs for _ in range(n)],
+                      "lora_scale": [s for _, s in configs for _ in range(n)]})
+    rows = validate_manifest(table, reg).to_pandas()
+    assert list(rows.lora[::n]) == [a, f"{a}@1.0+{b}@0.0", f"{a}+{b}", b]
+    actor = GenerateActor({"embedded": reg.get("embedded")}, "auto", 4, None, loras=reg.loras)
+    parts = [rows.iloc[i * n:(i + 1) * n] for i in range(k)] + [rows.iloc[n:2 * n]]  # (1, 0) again, after b
+    out = [actor(part) for part in parts]  # one adapter set per call
+    pixels = [np.stack([np.frombuffer(p, np.uint8).astype(int) for p in o.pixels]) for o in out]
+    alone, off, both, other, off_again = pixels
+    assert np.abs(off - alone).max() <= 1 and np.abs(off_again - alone).max() <= 1  # within 1/255
+    assert np.abs(both - alone).mean() > 2 and np.abs(both - other).mean() > 2
+    assert actor.loads == {"model:embedded": 1, f"lora:{a}": 1, f"lora:{b}": 1}
+    digest = {k: hashlib.sha256(open(reg.loras[k].source, "rb").read()).hexdigest() for k in (a, b)}
+    assert set(out[2].lora_digest) == {f"{digest[a]}+{digest[b]}"}

@@ -149,3 +149,21 @@ def test_make_manifest_sweeps_quants():
     with pytest.raises(Exception) as e:
         build_manifest({"prompts": ["a"], "quants": ["int3"]}, reg)
     assert "'quants'" in str(e.value) and "int3" in str(e.value) and "nf4" in str(e.value)
+
+
+def test_evaluation_reports_one_row_per_scheme_with_its_memory(quant_sweep, tmp_path):
+    """jobs/evaluate.py groups by the run key (quant is part of it): one metrics row per scheme,
+    each with its speed and the weights memory _run.json recorded for its (model, quant)."""
+    from jobs import evaluate as eval_job
+
+    out, _ = quant_sweep
+    report = tmp_path / "report"
+    assert eval_job.main([str(out), "--out", str(report), "--n-boot", "10", "--no-progress"]) == 0
+    m = pd.read_parquet(report / "metrics.parquet")
+    assert sorted(m.quant) == sorted(CPU_SCHEMES) and (m.n == len(PROMPTS)).all()
+    loads = json.loads((out / "_run.json").read_text())["runs"][-1]["loads"]
+    weights = m.set_index("quant").weights_mb
+    assert weights.to_dict() == pytest.approx({x["quant"]: x["weights_bytes"] / 1e6 for x in loads})
+    assert m.gen_seconds.notna().all() and m.attribute_accuracy.notna().all()
+    header = next(ln for ln in (report / "metrics.md").read_text().splitlines() if "weights (MB)" in ln)
+    assert "quant" in header and "CPU s / image" in header and "attribute acc." in header

@@ -49,6 +49,7 @@ _TABLE_COLUMNS = (
     ("gen_seconds", "{} s / image", "gen_seconds_ci_lo", "gen_seconds_ci_hi", None),  # {}: the device kind
     ("images_per_gpu_second", "images / {} s", None, None, None),
     ("batch_sizes", "batch", None, None, None),  # the sizes of the calls the images ran in
+    ("weights_mb", "weights (MB)", None, None, None),  # the loaded pipeline's weights (evals/memory.py)
 )
 _INT_COLUMNS = {"n", "n_error"}
 _TEXT_COLUMNS = {"batch_sizes"}

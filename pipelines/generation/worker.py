@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.benchmarking.environment import cpu_name
-from pipelines.contract import Row
+from pipelines.contract import PIPELINE_KEY, Row
 from pipelines.errors import innermost_cause
 from pipelines.generation.batch_size import BatchSizes
 from pipelines.generation.speed import SpeedOptions, apply_speed_options
@@ -113,7 +113,7 @@ class GenerateActor:
                           gen_seconds=0.0, batch_size=0, dtype=None, model_digest=None, lora_digest=None, **NO_QUANT)
                 for sid in sample_ids]
 
-    def _model_rows(self, name: tuple, part: pd.DataFrame) -> list[dict]:
+    def _model_rows(self, name: tuple, part: list[Row]) -> list[dict]:
         """The result rows of one (model, quant)'s part of a batch; error rows if it cannot load here."""
         what = f"model {name[0]!r}" + (f" with quant {name[1]!r}" if name[1] != "none" else "")
         if name not in self.load_failures:
@@ -123,13 +123,10 @@ class GenerateActor:
                 self.load_failures[name] = (f"{what} could not be loaded (or its warm-up call failed) on "
                                             f"{self.worker}: {innermost_cause(e)}")
         if name in self.load_failures:
-            return self._failed_rows(part["sample_id"], self.load_failures[name])
+            return self._failed_rows([r.sample_id for r in part], self.load_failures[name])
         now = dt.datetime.now(dt.timezone.utc)  # batch start: the benchmark measures start-up from it
         out = []
-        by_adapters: dict[tuple, list[Row]] = {}  # one adapter set per call; Row.of fills columns a part lacks
-        for row in (Row.of(r) for r in part.to_dict("records")):
-            by_adapters.setdefault((row.lora, row.lora_scale), []).append(row)
-        for (lora, scale), rows in by_adapters.items():
+        for (lora, scale), rows in group_rows(part, ("lora", "lora_scale")).items():  # one adapter set per call
             try:  # rows that fail are error results already; this catches a failure of the model's whole part
                 digest = self._adapters(model).use(lora, scale)
                 results = self._generate(name, model, rows)
@@ -164,12 +161,18 @@ class GenerateActor:
                    f"host memory, or crashed); --max-retries {self.max_attempts - 1} exhausted")
             out = self._failed_rows(batch["sample_id"], why)
         else:
-            if "quant" not in batch:  # a batch of rows written before the column existed
-                batch = batch.assign(quant="none")
-            out = [row for key, part in batch.groupby(["model", "quant"], sort=False)
-                   for row in self._model_rows(key, part)]
+            rows = [Row.of(r) for r in batch.to_dict("records")]  # fills columns a batch lacks (e.g. quant)
+            out = [row for key, part in group_rows(rows, PIPELINE_KEY).items() for row in self._model_rows(key, part)]
         sizes = batch.set_index("sample_id")[["height", "width"]]
         return pd.DataFrame(out).join(sizes, on="sample_id")
+
+
+def group_rows(rows: list[Row], keys: tuple) -> dict[tuple, list[Row]]:
+    """Rows grouped by the values of `keys`, groups and rows in the order they came (as pandas' sort=False)."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(getattr(row, k) for k in keys), []).append(row)
+    return groups
 
 
 def batch_key(sample_ids) -> str:
