@@ -22,6 +22,7 @@ from jobs.raydata.session import AttemptCounter, batch_attempts, check_schedulab
 from pipelines.contract import MANIFEST_COLUMNS
 from pipelines.errors import innermost_cause
 from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE
+from pipelines.generation.blocks import CallSizes, call_blocks
 from pipelines.generation.plan import Plan
 from pipelines.generation.speed import SpeedOptions
 from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, LOAD_COLUMNS, GenerateActor, encode_pngs
@@ -76,9 +77,11 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     restarts = _actor_restarts()
     counts = commit.counts
     this_run.update(finished_at=now(), ok=counts["ok"], error=counts["error"], shards=commit.seq,
-                    prompts_truncated=counts["truncated"], actor_restarts=restarts, loads=commit.load_records())
+                    prompts_truncated=counts["truncated"], actor_restarts=restarts, loads=commit.load_records(),
+                    mean_batch_size=commit.calls.mean())
     p.store.write_run(record)
     print(f"done: {counts['ok']} ok, {counts['error']} error, {p.n_done} already in {out} (skipped)"
+          + (f", mean batch size {commit.calls.mean():g} (images per diffusers call)" if commit.calls.mean() else "")
           + (f", {restarts} actor restart(s) (their batches were retried)" if restarts else "")
           + (f"; {counts['truncated']} prompt(s) longer than the text encoder reads were truncated"
              if counts["truncated"] else ""), file=sys.stderr)
@@ -86,7 +89,9 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
 
 
 def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_name: str):
-    """The Ray Data pipeline. One block per actor call: small blocks spread work evenly over
+    """The Ray Data pipeline. One block per actor call (batch_size=None: a block is one batch,
+    never bundled with the next), cut along configurations so that a configuration's rows
+    fill whole batches (pipelines/generation/blocks.py); small blocks spread work evenly over
     the pool. Continuous batching gets CALL_ROWS_CONTINUOUS batches' worth per call, so its
     slots stay full (they drain only at the end of each call). Ray Data replaces dead actors
     and retries their batches (its defaults); the run's attempt counter makes a batch that
@@ -95,17 +100,17 @@ def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_n
     batch_size = CPU_BATCH_SIZE if o.batch_size == "auto" and not num_gpus else o.batch_size  # no device memory to fit
     actor_batch = None if batch_size == "auto" else batch_size  # None: each actor fits it per model and size
     call_rows = (actor_batch or AUTO_CAP) * (CALL_ROWS_CONTINUOUS if o.batching == "continuous" else 1)
-    blocks = [rows.slice(i, call_rows).to_pandas() for i in range(0, rows.num_rows, call_rows)]
+    blocks = call_blocks(rows.to_pandas(), actor_batch or AUTO_CAP, call_rows, by_config=o.batching != "continuous")
     threads = o.torch_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // pool))
     specs = p.registry.with_refiners(set(p.todo.column("model").to_pylist()))  # refiners load with their base
     return (
         ray.data.from_pandas(blocks)
-        .map_batches(
+        .map_batches_internal(  # map_batches refuses batch_size=None with GPUs; Ray's map_groups calls this too
             GenerateActor,
             fn_constructor_kwargs=dict(specs=specs, dtype=o.dtype, batch_size=actor_batch, torch_threads=threads,
                                        batching=o.batching, speed=o.speed.as_dict(), loras=p.registry.loras,
                                        attempts=AttemptCounter(attempts_name), max_attempts=o.max_retries + 1),
-            batch_size=call_rows,
+            batch_size=None,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_gpus=num_gpus,
@@ -122,6 +127,7 @@ class _Committer:
     def __init__(self, p: Plan, shard_rows: int, flush_seconds: float, progress: bool):
         self.p, self.shard_rows, self.flush_seconds = p, shard_rows, flush_seconds
         self.counts = {"ok": 0, "error": 0, "truncated": 0}
+        self.calls = CallSizes()  # images per diffusers call, from the rows' batch_size
         self.position = {sid: i for i, sid in enumerate(p.manifest.column("sample_id").to_pylist())}
         self.written: set[str] = set()  # a row reaches the output once, even if Ray hands it over twice
         self.pending: list[pa.Table] = []
@@ -145,6 +151,7 @@ class _Committer:
         for status in batch["status"]:
             self.counts[status] = self.counts.get(status, 0) + 1
         self.counts["truncated"] += int(batch["prompt_truncated"].sum())
+        self.calls.add(batch["batch_size"])
         self.progress.update(len(batch))
         self.progress.set_postfix(errors=self.counts["error"], refresh=False)
         if (sum(t.num_rows for t in self.pending) >= self.shard_rows
@@ -183,7 +190,7 @@ def _stopped(e: BaseException, ray, p: Plan, o: RunOptions, commit: _Committer, 
                   f"{o.schedule_timeout:g} s (each needs {num_gpus:g} GPU, {o.cpus_per_actor:g} CPU; cluster: "
                   + ", ".join(f"{k} {total.get(k, 0):g}" for k in ("CPU", "GPU")) + ")")
     this_run.update(failed_at=now(), ok=commit.counts["ok"], error=commit.counts["error"], shards=commit.seq,
-                    failure=reason, loads=commit.load_records())
+                    failure=reason, loads=commit.load_records(), mean_batch_size=commit.calls.mean())
     if lost:  # the directory is another run's now: write nothing more there
         print(f"error: generation stopped: {reason}; this run's {commit.seq} committed shard(s) stay", file=sys.stderr)
         return 1

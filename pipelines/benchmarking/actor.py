@@ -17,6 +17,7 @@ def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     """Returns (median pass seconds, pixels by sample_id, error messages, peak bytes, warm-up
     seconds: model load, the actor's own warm-up (compile, if on) and one batch,
     (device busy, profiled pass seconds) or None)."""
+    from pipelines.generation.blocks import call_blocks
     from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, GenerateActor
 
     actor = GenerateActor(specs={spec.name: spec}, dtype=dtype, batch_size=batch, torch_threads=None,
@@ -28,7 +29,7 @@ def time_actor(spec, rows: pd.DataFrame, batch: int, device: str, dtype: str, re
     warmup_s = time.perf_counter() - t0
 
     def one_pass():
-        return [actor(rows.iloc[start:start + call_rows]) for start in range(0, len(rows), call_rows)]
+        return [actor(block) for block in call_blocks(rows, batch, call_rows, by_config=batching != "continuous")]
 
     passes = []
     with PeakMemory(device) as mem:
