@@ -84,7 +84,10 @@ def test_worker_node_lost_mid_run_finishes_with_each_sample_id_once(tmp_path, th
     manifest = write_parquet(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": three_nodes.address}
-    proc = subprocess.Popen(generate_cmd(manifest, out, "--batch-size", "2", "--shard-rows", "2"), env=env,
+    # Half a CPU per actor: after the loss, the one 1-CPU node left must host the actor and the
+    # PNG-encoding tasks (0.5 CPU) together, or the pipeline waits for a CPU that never comes.
+    flags = ("--batch-size", "2", "--shard-rows", "2", "--cpus-per-actor", "0.5")
+    proc = subprocess.Popen(generate_cmd(manifest, out, *flags), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: list(out.glob("part-*.parquet")) or proc.poll() is not None, 600, "a first committed shard")
@@ -99,7 +102,6 @@ def test_worker_node_lost_mid_run_finishes_with_each_sample_id_once(tmp_path, th
     finally:
         if proc.poll() is None:
             proc.kill()
-    print(err[-4000:])
     assert proc.returncode == 0, err[-3000:]
     df = pd.read_parquet(out)
     assert len(df) == n and df.sample_id.is_unique and sorted(df.seed) == list(range(n))
