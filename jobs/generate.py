@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-rows", type=at_least(1, int), default=256, help="rows per committed result shard (default 256)")
     p.add_argument("--flush-seconds", type=at_least(0, strict=True), default=60.0, help="commit a partial shard after this long (default 60)")
     p.add_argument("--max-retries", type=at_least(0, int), default=3,
-                   help="retries of a batch whose actor died (killed, node lost); actors are always replaced (default 3)")
+                   help="retries of a batch whose actor died (killed, node lost), and new passes over the rest after a "
+                        "lost node; actors are always replaced (default 3)")
     p.add_argument("--overwrite", action="store_true", help="discard existing results in --out")
     p.add_argument("--retry-errors", action="store_true",
                    help="when resuming, generate again the rows recorded with status 'error'")

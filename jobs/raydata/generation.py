@@ -14,9 +14,10 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs.raydata.session import AttemptCounter, batch_attempts, check_schedulable, init_ray
 from pipelines.contract import MANIFEST_COLUMNS
@@ -61,15 +62,16 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     this_run.update(pool_size=pool, num_gpus_per_actor=num_gpus, ray_version=ray.__version__)
     attempts_name = f"diffsweep-attempts-{p.run_id}"
     attempts = batch_attempts(ray, attempts_name)
-    ds = _dataset(ray, p, o, pool, num_gpus, attempts_name)
     commit = _Committer(p, o.shard_rows, o.flush_seconds, o.progress)
-    batches = ds.iter_batches(batch_size=None, batch_format="pandas")
     try:
-        for batch in batches:
-            commit.add(batch)
+        for resubmit in range(o.max_retries + 1):  # a new pass over the rows still to do after a lost node
+            rest = replace(p, todo=commit.rest())
+            if not rest.todo.num_rows or _drain(ray, _dataset(ray, rest, o, pool, num_gpus, attempts_name), commit,
+                                                retry=resubmit < o.max_retries):
+                break
+            this_run["resubmitted"] = resubmit + 1
         commit.flush()
     except (Exception, KeyboardInterrupt) as e:  # unrecoverable failure or Ctrl-C: keep what is done
-        _close_quietly(batches)  # stop the pipeline now, not whenever the iterator is collected
         ray.kill(attempts)
         return _stopped(e, ray, p, o, commit, record, this_run, out, num_gpus)
     commit.progress.close()
@@ -86,6 +88,44 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
           + (f"; {counts['truncated']} prompt(s) longer than the text encoder reads were truncated"
              if counts["truncated"] else ""), file=sys.stderr)
     return 0
+
+
+def _drain(ray, ds, commit: _Committer, retry: bool) -> bool:
+    """Feed one pass of the pipeline to the committer; True once it is through. Ray Data replaces
+    a dead actor and retries its batch by itself, but not always an actor lost with its node
+    (ActorUnavailableError), nor blocks whose only copy was on that node: then, if `retry`, the
+    rows that arrived are committed and this returns False, so the caller starts a new pass
+    (a new pool on the remaining nodes) over the rest. Other failures are raised."""
+    batches = ds.iter_batches(batch_size=None, batch_format="pandas")
+    try:
+        for batch in batches:
+            commit.add(batch)
+        return True
+    except BaseException as e:
+        _close_quietly(batches)  # stop the pipeline now, not whenever the iterator is collected
+        if not (retry and isinstance(e, Exception) and _worker_lost(ray, e)):
+            raise
+        why = innermost_cause(e)
+    commit.flush()
+    print(f"warning: a generation worker was lost ({why}); resubmitting the {commit.rest().num_rows} unfinished "
+          "rows to a new pool", file=sys.stderr)
+    return False
+
+
+def _worker_lost(ray, e: BaseException) -> bool:
+    """Whether `e` (or what it wraps) says a worker, its node or the blocks it held went away:
+    a fault of the cluster that a new pass recovers from, not one of the rows or the job. An
+    actor that failed in its constructor is not lost but broken (Ray Data already replaced it)."""
+    x = ray.exceptions
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, x.RayActorError) and not getattr(e, "actor_init_failed", False):
+            return True
+        if isinstance(e, (x.ObjectLostError, x.NodeDiedError, x.WorkerCrashedError)):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return False
 
 
 def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_name: str):
@@ -157,6 +197,11 @@ class _Committer:
         if (sum(t.num_rows for t in self.pending) >= self.shard_rows
                 or time.monotonic() - self.last_flush > self.flush_seconds):
             self.flush()
+
+    def rest(self) -> pa.Table:
+        """The plan's rows that have not arrived yet."""
+        done = pa.array(list(self.written), pa.string())
+        return self.p.todo.filter(pc.invert(pc.is_in(self.p.todo.column("sample_id"), done)))
 
     def load_records(self) -> list[dict]:
         """Per worker and (model, quant): load time (s), the process's peak memory during load and

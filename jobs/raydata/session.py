@@ -104,7 +104,10 @@ def check_schedulable(ray, num_gpus: float, num_cpus: float) -> None:
 
 
 def batch_attempts(ray, name: str):
-    """A small named actor that counts attempts per batch across actor restarts."""
+    """A small named actor that counts attempts per batch across actor restarts. It lives on
+    the driver's node: placed anywhere (it needs no CPU), it could share a worker node with the
+    generation actor and be lost with it, and every retry would then fail on the lost counter."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class BatchAttempts:
@@ -115,7 +118,8 @@ def batch_attempts(ray, name: str):
             self.counts[key] = self.counts.get(key, 0) + 1
             return self.counts[key]
 
-    return BatchAttempts.options(name=name).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return BatchAttempts.options(name=name, scheduling_strategy=here).remote()
 
 
 class AttemptCounter:
