@@ -47,8 +47,8 @@ def test_flops_positive_and_linear_in_batch(tiny_model):
 
 
 def test_real_architectures_match_published_sizes_and_flops():
-    """Meta-device builds: no memory, no compute. Parameter counts are those of the
-    released checkpoints; SD 1.5's FLOPs are the issue's 1.61 TFLOP per CFG step, 82.8 per image."""
+    """Meta-device builds: no memory, no compute (FLUX's 12B never allocated). Parameter counts
+    are those of the released checkpoints; SD 1.5's FLOPs are the issue's 1.61 TFLOP per CFG step, 82.8 per image."""
     from pipelines.benchmarking.architectures import build_random_pipeline, parameter_counts
     from pipelines.benchmarking.flops import count_flops, flops_per_image
 
@@ -61,8 +61,61 @@ def test_real_architectures_match_published_sizes_and_flops():
     assert type(sdxl).__name__ == "StableDiffusionXLPipeline"
     assert parameter_counts(sdxl) == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
                                       "text_encoder_2": 694_659_840}
-    with pytest.raises(ValueError, match="unknown architecture 'sd9'.*sd15, sdxl"):
+    # SD 3.5-medium: MMDiT-X 2.24B parameters + the 384x384 position table (a saved buffer) = the
+    # published 2.5B (2.47B); CLIP-L and CLIP-G with projection, T5-XXL's encoder 4.76B
+    sd35 = build_random_pipeline("sd35-medium", device="meta")
+    assert parameter_counts(sd35) == {"transformer": 2_243_171_520, "vae": 83_819_683, "text_encoder": 123_650_304,
+                                      "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656}
+    assert sd35.transformer.pos_embed.pos_embed.numel() == 384 * 384 * 1536
+    assert sum(1 for b in sd35.transformer.transformer_blocks if b.attn2 is not None) == 13  # dual attention
+    # FLUX.1: 19 double + 38 single blocks, 11.9B (dev's guidance embedder: +10.2M), CLIP-L, T5-XXL
+    for name, transformer in (("flux-dev", 11_901_408_320), ("flux-schnell", 11_891_178_560)):
+        flux = build_random_pipeline(name, device="meta")
+        assert parameter_counts(flux) == {"transformer": transformer, "vae": 83_819_683, "text_encoder": 123_060_480,
+                                          "text_encoder_2": 4_762_310_656}
+        assert (len(flux.transformer.transformer_blocks), len(flux.transformer.single_transformer_blocks)) == (19, 38)
+        assert flux.transformer.config.guidance_embeds == (name == "flux-dev")
+    with pytest.raises(ValueError, match="unknown architecture 'sd9'.*flux-dev, flux-schnell, sd15, sd35-medium, sdxl"):
         build_random_pipeline("sd9", device="meta")
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux-dev"])  # schnell: the same path, no guidance input
+def test_transformer_flops_scale_with_image_tokens(name):
+    """SD3's and FLUX's transformer step and T5 text are counted on meta like the UNet's. The
+    step is a quadratic in the image tokens ((H/16)*(W/16) at the real models' factor 16;
+    here the tiny VAE has factor 1 and SD3 patch 1, FLUX packs 2x2): linear layers grow with
+    the tokens, joint attention with (image + text tokens)^2. CFG doubles step and text; T5
+    text grows with max_sequence_length."""
+    from fractions import Fraction
+
+    from pipelines.registry.tiny_families import TINY_FAMILIES
+
+    pipe = TINY_FAMILIES[name][0](0)
+    flux = type(pipe).__name__ == "FluxPipeline"
+    sides = [16, 32, 48, 64]
+    counts = {s: count_flops(pipe, s, s, cfg=False) for s in sides}
+    assert all(v > 0 for c in counts.values() for v in c.values())
+    tokens = [(s // 2) ** 2 if flux else s ** 2 for s in sides]
+    steps = [Fraction(counts[s]["unet_step"]) for s in sides]
+    # the quadratic through the first three sizes predicts the fourth exactly
+    assert steps[3] == sum(f * _lagrange(tokens[:3], i, tokens[3]) for i, f in enumerate(steps[:3]))
+    assert steps[0] < steps[1] < steps[2] < steps[3]
+    cfg = count_flops(pipe, 32, 32)
+    assert cfg["unet_step"] == pytest.approx(2 * counts[32]["unet_step"], rel=0.02)
+    assert cfg["text"] == 2 * counts[32]["text"] and cfg["vae_decode"] == counts[32]["vae_decode"]
+    longer = count_flops(pipe, 32, 32, cfg=False, max_sequence_length=1024)  # defaults: 256, FLUX-dev 512
+    assert longer["text"] > counts[32]["text"] and longer["unet_step"] > counts[32]["unet_step"]
+
+
+def _lagrange(xs, i, x):
+    """The i-th Lagrange basis polynomial through points xs, at x (exact)."""
+    from fractions import Fraction
+
+    out = Fraction(1)
+    for j, xj in enumerate(xs):
+        if j != i:
+            out *= Fraction(x - xj, xs[i] - xj)
+    return out
 
 
 # --------------------------------------------------------------------------- the throughput suite

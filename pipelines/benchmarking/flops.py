@@ -35,19 +35,48 @@ def _count(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1) -> dict[str, int]:
+def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1,
+                max_sequence_length: int | None = None) -> dict[str, int]:
     """FLOPs of the pieces of one text-to-image call for `batch` images.
 
-    unet_step: one denoising step (the UNet runs on 2*batch latents under classifier-free
-    guidance); vae_decode; text: every text encoder over prompt (and negative prompt under
-    CFG), padded to the tokenizer's length (77 for CLIP). Per image: steps * unet_step + vae_decode + text, over batch.
+    unet_step: one denoising step of the denoiser (the UNet, or SD3's / FLUX's transformer),
+    on 2*batch latents under classifier-free guidance (for FLUX: true CFG, the same FLOPs as two
+    forwards of `batch`); vae_decode; text: every text encoder over prompt (and negative prompt
+    under CFG), padded as the pipeline pads: CLIP to its 77 tokens, T5 to `max_sequence_length`
+    (default: diffusers' for the family, pipelines.registry.families). Per image: steps *
+    unet_step + vae_decode + text, over batch.
     """
     meta = torch.device("meta")
     tokens = _prompt_tokens(pipe)
-    unet = _meta_twin(pipe.unet)
+    t5_tokens = max_sequence_length or _t5_default(pipe)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     n = batch * (2 if cfg else 1)
-    latents = torch.empty(n, unet.config.in_channels, height // factor, width // factor, device=meta)
+    h, w = height // factor, width // factor
+    if getattr(pipe, "unet", None) is not None:
+        out = _unet_flops(pipe, n, h, w, tokens)
+    else:
+        step = _transformer_step(_meta_twin(pipe.transformer), n, h, w, tokens, t5_tokens)
+        out = {"unet_step": _count(step)}
+    vae = _meta_twin(pipe.vae)
+    z = torch.empty(batch, vae.config.latent_channels, h, w, device=meta)
+    out["vae_decode"] = _count(lambda: vae.decode(z))
+    text = 0
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            twin = _meta_twin(encoder)
+            length = t5_tokens if type(encoder).__name__ == "T5EncoderModel" else tokens
+            ids = torch.zeros(n, length, dtype=torch.long, device=meta)
+            text += _count(lambda: twin(ids))
+    out["text"] = text
+    return out
+
+
+def _unet_flops(pipe, n: int, h: int, w: int, tokens: int) -> dict[str, int]:
+    """A full UNet step, and (UNet2DConditionModel) a step that reuses deep features (cache_interval > 1)."""
+    meta = torch.device("meta")
+    unet = _meta_twin(pipe.unet)
+    latents = torch.empty(n, unet.config.in_channels, h, w, device=meta)
     kwargs = dict(encoder_hidden_states=torch.empty(n, tokens, unet.config.cross_attention_dim, device=meta))
     if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids
         n_ids = 6
@@ -56,31 +85,55 @@ def count_flops(pipe, height: int, width: int, cfg: bool = True, batch: int = 1)
                                            time_ids=torch.empty(n, n_ids, device=meta))
     timestep = torch.full((n,), 500, device=meta)
     out = {"unet_step": _count(lambda: unet(latents, timestep, **kwargs))}
-    if type(unet).__name__ == "UNet2DConditionModel":  # a step that reuses deep features (cache_interval > 1)
+    if type(unet).__name__ == "UNet2DConditionModel":
         from pipelines.generation.deepcache import unet_forward
 
         args = (unet, latents, timestep, kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs"))
         _, deep = unet_forward(*args)
         out["unet_shallow_step"] = _count(lambda: unet_forward(*args, deep=deep))
-    vae = _meta_twin(pipe.vae)
-    z = torch.empty(batch, vae.config.latent_channels, height // factor, width // factor, device=meta)
-    out["vae_decode"] = _count(lambda: vae.decode(z))
-    text = 0
-    for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipe, name, None)
-        if encoder is not None:
-            twin = _meta_twin(encoder)
-            ids = torch.zeros(n, tokens, dtype=torch.long, device=meta)
-            text += _count(lambda: twin(ids))
-    out["text"] = text
     return out
 
 
+def _transformer_step(model, n: int, h: int, w: int, tokens: int, t5_tokens: int):
+    """One forward of SD3's MMDiT or FLUX's transformer on meta inputs shaped as the pipeline
+    builds them. SD3: latents (n, C, h, w) patchified inside, text = 77 CLIP tokens (both
+    CLIPs side by side, zero-padded to T5's width) followed by the T5 tokens. FLUX: latents
+    packed 2x2 into (h/2)*(w/2) tokens of C*4 channels outside the model, text = the T5
+    tokens only (CLIP gives the pooled vector), position ids per token, and the guidance
+    scale as an input for a guidance-distilled (dev) model."""
+    meta = torch.device("meta")
+    c = model.config
+    timestep = torch.full((n,), 500.0, device=meta)
+    pooled = torch.empty(n, c.pooled_projection_dim, device=meta)
+    if type(model).__name__ == "FluxTransformer2DModel":
+        image_tokens = (h // 2) * (w // 2)
+        kwargs = dict(hidden_states=torch.empty(n, image_tokens, c.in_channels, device=meta),
+                      encoder_hidden_states=torch.empty(n, t5_tokens, c.joint_attention_dim, device=meta),
+                      pooled_projections=pooled, timestep=timestep / 1000,
+                      img_ids=torch.zeros(image_tokens, 3, device=meta), txt_ids=torch.zeros(t5_tokens, 3, device=meta),
+                      guidance=torch.full((n,), 3.5, device=meta) if c.guidance_embeds else None)
+    else:
+        kwargs = dict(hidden_states=torch.empty(n, c.in_channels, h, w, device=meta),
+                      encoder_hidden_states=torch.empty(n, tokens + t5_tokens, c.joint_attention_dim, device=meta),
+                      pooled_projections=pooled, timestep=timestep)
+    return lambda: model(**kwargs, return_dict=False)
+
+
 def _prompt_tokens(pipe) -> int:
-    """Diffusers pads every prompt to the tokenizer's length (77 for CLIP; shorter for small models)."""
+    """Diffusers pads every prompt to the CLIP tokenizer's length (77 for CLIP; shorter for small models)."""
     limit = pipe.text_encoder.config.max_position_embeddings
     tokenizer = getattr(pipe, "tokenizer", None)
     return min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
+
+
+def _t5_default(pipe) -> int:
+    """diffusers' default T5 length for the pipeline (FLUX: 512 for dev, 256 for schnell; SD3: 256)."""
+    from pipelines.registry.families import FLUX, FLUX_DEV_T5, FLUX_SCHNELL_T5, T5_DEFAULT
+
+    name = type(pipe).__name__
+    if name == FLUX:
+        return FLUX_DEV_T5 if pipe.transformer.config.guidance_embeds else FLUX_SCHNELL_T5
+    return T5_DEFAULT.get(name, 256)
 
 
 def flops_per_image(counts: dict[str, int], steps: int, batch: int = 1, cache_interval: int = 1) -> float:

@@ -82,10 +82,15 @@ def time_model(args, env: dict, name: str, spec, weights: str, arch: str | None,
 def model_flops(spec, arch: str | None, args, device: str) -> tuple[dict, dict]:
     """count_flops at the benchmark's size, with and without classifier-free guidance (a
     mixed sweep has guidance-1 rows); the counts at its guidance twice for a single one."""
+    from pipelines.registry.families import FLUX, max_sequence_length, pipeline_name
+
     r0 = make_rows(spec, args, 1).iloc[0]
     pipe = pipe_for_flops(spec, arch)
-    counts = count_flops(pipe, int(r0.height), int(r0.width), float(r0.guidance) > 1)
-    no_cfg = count_flops(pipe, int(r0.height), int(r0.width), False) if args.sweep == "mixed" else counts
+    # FLUX's guidance is distilled (an input, one forward) or ignored: its rows run no CFG pass
+    guided = float(r0.guidance) > 1 and pipeline_name(spec) != FLUX
+    size = dict(height=int(r0.height), width=int(r0.width), max_sequence_length=max_sequence_length(spec))
+    counts = count_flops(pipe, cfg=guided, **size)
+    no_cfg = count_flops(pipe, cfg=False, **size) if args.sweep == "mixed" and guided else counts
     del pipe
     free(device)
     return counts, no_cfg
