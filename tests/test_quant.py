@@ -164,6 +164,6 @@ def test_evaluation_reports_one_row_per_scheme_with_its_memory(quant_sweep, tmp_
     loads = json.loads((out / "_run.json").read_text())["runs"][-1]["loads"]
     weights = m.set_index("quant").weights_mb
     assert weights.to_dict() == pytest.approx({x["quant"]: x["weights_bytes"] / 1e6 for x in loads})
-    assert m.gen_seconds.notna().all() and m.attribute_accuracy.notna().all()
+    assert m.gen_seconds.notna().all() and m.clip_score.notna().all()  # speed and quality beside the memory
     header = next(ln for ln in (report / "metrics.md").read_text().splitlines() if "weights (MB)" in ln)
-    assert "quant" in header and "CPU s / image" in header and "attribute acc." in header
+    assert "quant" in header and "CPU s / image" in header and "CLIP score" in header
