@@ -62,7 +62,7 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     this_run.update(pool_size=pool, num_gpus_per_actor=num_gpus, ray_version=ray.__version__)
     attempts_name = f"diffsweep-attempts-{p.run_id}"
     attempts = batch_attempts(ray, attempts_name)
-    commit = _Committer(p, o.shard_rows, o.flush_seconds, o.progress)
+    commit = ShardCommitter(p, o.shard_rows, o.flush_seconds, o.progress)
     try:
         for resubmit in range(o.max_retries + 1):  # a new pass over the rows still to do after a lost node
             rest = replace(p, todo=commit.rest())
@@ -90,7 +90,7 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     return 0
 
 
-def _drain(ray, ds, commit: _Committer, retry: bool) -> bool:
+def _drain(ray, ds, commit: ShardCommitter, retry: bool) -> bool:
     """Feed one pass of the pipeline to the committer; True once it is through. Ray Data replaces
     a dead actor and retries its batch by itself, but not always an actor lost with its node
     (ActorUnavailableError), nor blocks whose only copy was on that node: then, if `retry`, the
@@ -160,7 +160,7 @@ def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_n
     )
 
 
-class _Committer:
+class ShardCommitter:
     """Result batches -> committed shards of about `shard_rows` rows (or whatever arrived in
     `flush_seconds`), each sample_id once, counted on the progress bar."""
 
@@ -218,7 +218,7 @@ class _Committer:
         self.last_flush = time.monotonic()
 
 
-def _stopped(e: BaseException, ray, p: Plan, o: RunOptions, commit: _Committer, record: dict, this_run: dict,
+def _stopped(e: BaseException, ray, p: Plan, o: RunOptions, commit: ShardCommitter, record: dict, this_run: dict,
              out: str, num_gpus: float) -> int:
     """After a failure or Ctrl-C: commit what arrived (unless the lease is lost), record why, say how to resume."""
     lost = isinstance(e, LeaseLostError)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from jobs.raydata.generation import RunOptions, _Committer
+from jobs.raydata.generation import RunOptions, ShardCommitter
 from jobs.raydata.session import ROOT, init_ray
 from pipelines.benchmarking.output import actor_blocks, summary
 from pipelines.generation.plan import Plan
@@ -27,7 +27,7 @@ def run_output_stage(p: Plan, o: RunOptions, size: int, block_rows: int) -> dict
     init_ray()
     blocks = actor_blocks(p.todo.column("sample_id").to_pylist(), size, block_rows)
     ds = ray.data.from_pandas(blocks).map_batches(encode_pngs, batch_format="pandas", num_cpus=0.5)
-    commit = _Committer(p, o.shard_rows, o.flush_seconds, progress=False)
+    commit = ShardCommitter(p, o.shard_rows, o.flush_seconds, progress=False)
     wall, cpu = time.perf_counter(), time.process_time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         commit.add(batch)
