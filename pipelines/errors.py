@@ -15,6 +15,16 @@ def one_line(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def exception_chain(e: BaseException | None):
+    """`e` and everything it wraps, outermost first: Ray's `cause` (a RayTaskError's user
+    exception), then `__cause__`, then `__context__`; each exception once."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+
+
 def innermost_cause(e: BaseException) -> str:
     """The innermost cause of a (possibly Ray-wrapped) exception, on one line."""
     seen = set()

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from jobs.raydata.session import AttemptCounter, batch_attempts, check_schedulable, init_ray
 from pipelines.contract import MANIFEST_COLUMNS
-from pipelines.errors import innermost_cause
+from pipelines.errors import exception_chain, innermost_cause
 from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE
 from pipelines.generation.blocks import CallSizes, call_blocks
 from pipelines.generation.plan import Plan
@@ -117,15 +117,8 @@ def _worker_lost(ray, e: BaseException) -> bool:
     a fault of the cluster that a new pass recovers from, not one of the rows or the job. An
     actor that failed in its constructor is not lost but broken (Ray Data already replaced it)."""
     x = ray.exceptions
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, x.RayActorError) and not getattr(e, "actor_init_failed", False):
-            return True
-        if isinstance(e, (x.ObjectLostError, x.NodeDiedError, x.WorkerCrashedError)):
-            return True
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return False
+    return any(isinstance(c, x.RayActorError) and not getattr(c, "actor_init_failed", False)
+               or isinstance(c, (x.ObjectLostError, x.NodeDiedError, x.WorkerCrashedError)) for c in exception_chain(e))
 
 
 def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_name: str):

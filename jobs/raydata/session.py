@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipelines.errors import InputError, one_line
+from pipelines.errors import InputError, exception_chain, one_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,11 +57,7 @@ def _connect(ray) -> None:
 def _connect_error(e: Exception) -> str:
     """What went wrong in ray.init, in one line. Ray wraps the cause (an AuthenticationError
     inside a RuntimeError whose text holds a traceback), so the whole chain is read."""
-    chain, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = list(exception_chain(e))
     text = "\n".join(f"{type(x).__name__}: {x}" for x in chain)
     last = [ln.strip() for ln in str(chain[-1]).splitlines() if ln.strip()]
     cause = one_line(last[-1] if last else type(chain[-1]).__name__, 300)
