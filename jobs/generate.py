@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=at_least(1, int), default=None, help="generation actors (default: one per GPU, 1 on CPU)")
     p.add_argument("--num-gpus", type=at_least(0), default=None, help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=at_least(0), default=1, help="CPUs Ray reserves per actor (default 1)")
-    p.add_argument("--torch-threads", type=at_least(1, int), default=None, help="torch intra-op threads in each CPU actor (default: all cores / pool size)")
+    p.add_argument("--torch-threads", type=at_least(1, int), default=None, help="torch intra-op threads in each CPU actor (default: all cores but one / pool size)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weights/activations dtype (auto: the model's half type on GPU, float32 on CPU)")
     p.add_argument("--shard-rows", type=at_least(1, int), default=256, help="rows per committed result shard (default 256)")

@@ -134,7 +134,11 @@ def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_n
     actor_batch = None if batch_size == "auto" else batch_size  # None: each actor fits it per model and size
     call_rows = (actor_batch or AUTO_CAP) * (CALL_ROWS_CONTINUOUS if o.batching == "continuous" else 1)
     blocks = call_blocks(rows.to_pandas(), actor_batch or AUTO_CAP, call_rows, by_config=o.batching != "continuous")
-    threads = o.torch_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // pool))
+    # A CPU actor's torch threads: the node's cores but one (the driver, the raylet and the
+    # object store share it) over the pool. One thread more than the free cores makes every
+    # intra-op barrier wait for a starved thread: a tiny-random 40-step row on the 2-core VM at
+    # load 1.2-2.2 took 1.9-4.7 s with 2 threads and 0.5-0.7 s with 1.
+    threads = o.torch_threads or (None if num_gpus else max(1, ((os.cpu_count() or 1) - 1) // pool))
     specs = p.registry.with_refiners(set(p.todo.column("model").to_pylist()))  # refiners load with their base
     return (
         ray.data.from_pandas(blocks)
