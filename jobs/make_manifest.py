@@ -105,6 +105,11 @@ def spec_from_args(args) -> tuple[dict, dict]:
             raise InputError(f"--spec {args.spec}: got {describe(spec)}; expected a mapping of sweep keys "
                              f"({', '.join(sorted(SPEC_KEYS))})")
         spec = dict(spec)
+        prompts = spec.get("prompts")
+        if isinstance(prompts, str) and prompts.strip() and not Path(prompts).is_absolute():
+            # a prompts file named in a spec is found beside the spec (like a models YAML's
+            # paths), so a spec and its prompts move together and work from any directory
+            spec["prompts"] = str(Path(args.spec).parent / prompts)
     flags, bad = set(), []
 
     def put(key, value):

@@ -217,6 +217,27 @@ def test_prompt_files_and_out_paths_that_cannot_work(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_a_spec_finds_its_prompts_file_beside_it_from_any_directory(tmp_path, capsys, monkeypatch):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "captions.txt").write_text("a red circle\na blue square\n")
+    (sweeps / "s.yaml").write_text("prompts: captions.txt\nmodels: [tiny-random]\nsteps: [2]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "captions.txt").write_text("a green triangle\n")  # the cwd's file of that name is not taken
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "m.parquet"
+    assert make_manifest.main(["--spec", "../sweeps/s.yaml", "--out", str(out)]) == 0
+    assert sorted(pd.read_parquet(out).prompt) == ["a blue square", "a red circle"]
+    capsys.readouterr()
+    # a --prompts flag is a path from the current directory, as flags are
+    assert make_manifest.main(["--spec", "../sweeps/s.yaml", "--prompts", "captions.txt", "--out", str(out)]) == 0
+    assert pd.read_parquet(out).prompt.tolist() == ["a green triangle"]
+    (sweeps / "s.yaml").write_text("prompts: missing.txt\n")
+    err = refused(tmp_path, capsys, ["--spec", "../sweeps/s.yaml"])
+    assert "key 'prompts'" in err and "sweeps/missing.txt" in err, err
+
+
 def test_sizes_seeds_and_negative_prompt_reach_the_rows(tmp_path, capsys):
     spec = tmp_path / "sweep.yaml"
     spec.write_text("prompts: [a]\nmodels: embedded\nsizes: [64, 32x64, [64, 32]]\nseeds_per_prompt: 3\nseed: 10\n"
