@@ -121,7 +121,16 @@ def extract_missing(shards: list[str], sample_ids: set[str], caches: dict[str, F
 
 def _feature_dataset(ray, shards: list[str], actor_args: dict, batch_size: int, pool: int, gpus: int):
     """The shards' (sample_id, image, prompt) columns mapped through a pool of FeatureActors."""
-    ds = ray.data.read_parquet(shards, columns=["sample_id", "image", "prompt"])
+    # The shards are named files: Ray's V1 Parquet reader takes them as they are. The V2 one
+    # (Ray 2.60's default) lists them again in a ListFiles task whose work-stealing pool can
+    # end with an uncaught InterruptedError in its completion thread, printed to the job's
+    # stderr as a traceback (seen under load, the run itself unharmed).
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(shards, columns=["sample_id", "image", "prompt"])
+    finally:
+        context.use_datasource_v2 = v2
     # No actor restarts: Ray Data hands its actors their arguments through the object store,
     # which Ray reports as an error line for every restartable actor (ray-project/ray#57733).
     # A dead actor instead ends this pass, and the next pass does the rows still missing
