@@ -95,7 +95,7 @@ def test_checkpoint_file_of_a_registered_architecture(tiny_open_clip, tmp_path):
         get_extractor("clip", clip_pretrained=tmp_path)
 
 
-def test_evaluate_with_an_open_clip_model(tiny_open_clip, tmp_path, ray_local, capsys):
+def test_evaluate_with_an_open_clip_model(tiny_open_clip, tmp_path, ray_local):
     """jobs/evaluate.py with --clip-pretrained DIR: CLIP score and diversity per configuration
     are those of the open_clip features, and every row names the model and its weights."""
     d, _ = tiny_open_clip
@@ -131,7 +131,3 @@ def test_evaluate_with_an_open_clip_model(tiny_open_clip, tmp_path, ray_local, c
             for g in (np.flatnonzero(own == k) for k in range(len(PROMPTS)))]
     assert r.diversity == pytest.approx(np.mean(dist), rel=1e-5)
     assert 1.0 <= r.vendi <= 3.0
-
-    capsys.readouterr()
-    assert eval_job.main(args) == 0  # the features are cached under the model's weights
-    assert "(0 images had features computed)" in capsys.readouterr().err
