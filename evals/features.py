@@ -204,6 +204,9 @@ class HFCLIPExtractor(FeatureExtractor):
         return self._processor
 
     def _embed_images(self, images):
+        # transformers' torchvision backend (whenever torchvision imports) warns on read-only
+        # arrays, which decoded images can be; a copy of those is cheap beside the network.
+        images = [im if im.flags.writeable else im.copy() for im in images]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return _projected(self.model.get_image_features(pixel_values=pixels.to(self.device)))
 
