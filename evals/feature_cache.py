@@ -102,6 +102,7 @@ def feature_description(extractor, weights_file: str | Path | None = None) -> di
         desc["weights"] = f"pt_inception sha256 {WEIGHTS_SHA256_PREFIX}"
     else:  # open_clip: its preprocess transform on PIL images
         desc["image_processor"] = "open_clip"
+        weights_file = getattr(extractor, "weights_file", None) or weights_file  # a model directory's checkpoint
         if weights_file is not None:
             desc["weights"] = files_digest([weights_file])
     return desc

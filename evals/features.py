@@ -9,7 +9,7 @@ reference statistics record exactly which features they hold and mismatches are 
     feats = fe(images)            # images: uint8 [N, H, W, 3] (or a list of HxWx3 arrays)
 
 Extractors: `inception` (standard FID, clean-fid's "clean" resize), `clip` (a transformers CLIP
-directory, or open_clip with a local checkpoint), `embedded` (the shipped domain CLIP).
+directory, or open_clip from a local checkpoint or model directory), `embedded` (the shipped domain CLIP).
 """
 
 from __future__ import annotations
@@ -204,6 +204,9 @@ class HFCLIPExtractor(FeatureExtractor):
         return self._processor
 
     def _embed_images(self, images):
+        # transformers' torchvision backend (whenever torchvision imports) warns on read-only
+        # arrays, which decoded images can be; a copy of those is cheap beside the network.
+        images = [im if im.flags.writeable else im.copy() for im in images]
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return _projected(self.model.get_image_features(pixel_values=pixels.to(self.device)))
 
@@ -230,11 +233,16 @@ class HFCLIPExtractor(FeatureExtractor):
 
 
 class OpenCLIPExtractor(FeatureExtractor):
-    """open_clip: `create_model_and_transforms(arch, pretrained=<local checkpoint file>)`."""
+    """open_clip, from local files only: `pretrained` is a checkpoint file of the built-in
+    architecture `arch` (state dict, .pt/.bin/.safetensors), or a model directory in open_clip's
+    hub layout (open_clip_config.json with its model and preprocess configs, beside the weights,
+    as `push_to_hf_hub` writes and a hub download leaves), whose config is the architecture:
+    that is how a model that is not one of open_clip's built-ins (a fine-tune, a tiny test
+    model) loads. `weights_file` is the checkpoint read: it names the features in caches."""
 
     resize_mode = "open_clip-preprocess"
 
-    def __init__(self, arch: str, pretrained: str | os.PathLike, batch_size: int = 64, device=None):
+    def __init__(self, arch: str | None, pretrained: str | os.PathLike, batch_size: int = 64, device=None):
         super().__init__(batch_size, device)
         try:
             import open_clip
@@ -243,11 +251,23 @@ class OpenCLIPExtractor(FeatureExtractor):
                 "the 'clip' extractor with an open_clip architecture needs the open_clip package "
                 "(pip install open_clip_torch); or pass clip_dir=<transformers CLIP directory>"
             ) from e
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"open_clip checkpoint {pretrained} not found (a local file is required)")
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(pretrained))
+        pretrained = Path(pretrained)
+        if pretrained.is_dir():
+            self.weights_file = open_clip_weights_file(pretrained)
+            model_name, pretrained_arg = f"local-dir:{pretrained}", None
+            arch = arch or pretrained.resolve().name
+        elif pretrained.is_file():
+            if arch is None:
+                raise ValueError(f"open_clip checkpoint {pretrained}: a checkpoint file needs its architecture "
+                                 f"(clip_arch); a model directory with open_clip_config.json does not")
+            self.weights_file = pretrained
+            model_name, pretrained_arg = arch, str(pretrained)
+        else:
+            raise FileNotFoundError(f"open_clip checkpoint {pretrained} not found (a local file or model "
+                                    f"directory is required)")
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained_arg)
         self.model = self.model.to(self.device).eval()
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
         self.name = f"clip:{arch}"
         with torch.inference_mode():
             self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
@@ -265,6 +285,18 @@ class OpenCLIPExtractor(FeatureExtractor):
                 tok = self.tokenizer(list(texts[i : i + self.batch_size])).to(self.device)
                 out.append(self.model.encode_text(tok).to("cpu", torch.float64).numpy())
         return np.concatenate(out, axis=0)
+
+
+def open_clip_weights_file(model_dir: Path) -> Path:
+    """The checkpoint of an open_clip model directory, by open_clip's own preference (safetensors
+    first); the directory must hold open_clip_config.json, which gives the architecture."""
+    if not (model_dir / "open_clip_config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not an open_clip model directory (no open_clip_config.json)")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise FileNotFoundError(f"open_clip model directory {model_dir} has no weights (e.g. open_clip_model.safetensors)")
 
 
 def embedded_clip_dir() -> Path:
@@ -295,7 +327,8 @@ def get_extractor(
     """Build an extractor by name.
 
     inception: weights from `inception_weights`, else $DIFFSWEEP_INCEPTION_WEIGHTS, else the cache.
-    clip:      `clip_dir` (transformers CLIP directory) or `clip_arch` + `clip_pretrained` (open_clip).
+    clip:      `clip_dir` (transformers CLIP directory), or open_clip: `clip_pretrained` (a checkpoint
+               file of the built-in architecture `clip_arch`, or an open_clip model directory).
     embedded:  `embedded_clip` or the shipped pipelines/embedded/clip.
     """
     kw = {"device": device}
@@ -306,11 +339,12 @@ def get_extractor(
     if name == "clip":
         if clip_dir is not None:
             return HFCLIPExtractor(clip_dir, name=f"clip:{Path(clip_dir).resolve().name}", **kw)
-        if clip_arch is not None and clip_pretrained is not None:
+        if clip_pretrained is not None:
             return OpenCLIPExtractor(clip_arch, clip_pretrained, **kw)
         raise ValueError(
-            "the 'clip' extractor needs a local model: clip_dir=<transformers CLIP directory> "
-            "or clip_arch=<open_clip architecture> with clip_pretrained=<local checkpoint file>"
+            "the 'clip' extractor needs a local model: clip_dir=<transformers CLIP directory>, "
+            "or clip_arch=<open_clip architecture> with clip_pretrained=<local checkpoint file>, "
+            "or clip_pretrained=<open_clip model directory>"
         )
     if name == "embedded":
         path = Path(embedded_clip) if embedded_clip is not None else embedded_clip_dir()

@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (or $DIFFSWEEP_INCEPTION_WEIGHTS)")
     p.add_argument("--clip-model", default=None, help="transformers CLIP directory for CLIP score and diversity")
     p.add_argument("--clip-arch", default=None, help="open_clip architecture (with --clip-pretrained)")
-    p.add_argument("--clip-pretrained", default=None, help="local open_clip checkpoint file")
+    p.add_argument("--clip-pretrained", default=None, help="local open_clip checkpoint file of --clip-arch, or an "
+                   "open_clip model directory (open_clip_config.json + weights, the hub layout; no --clip-arch needed)")
     p.add_argument("--cache", default=None, help="feature cache directory (default RESULTS/_features)")
     p.add_argument("--make-reference", nargs=2, metavar=("NAME.npz", "SOURCE"),
                    help="compute reference statistics of SOURCE into NAME.npz and exit")
@@ -132,7 +133,7 @@ def evaluate(args) -> int:
     ref = plan.compute() if plan is not None else None
     notes += plan.notes if plan is not None else ["no --reference: FID and KID are not computed"]
     if features.clip is None:
-        notes.append("no CLIP model (--clip-model or --clip-arch/--clip-pretrained): CLIP score is not computed "
+        notes.append("no CLIP model (--clip-model or --clip-pretrained): CLIP score is not computed "
                      "and diversity uses the FID features")
     metrics = metrics_table(ok, df[df.status != "ok"], keys, features, ref, args.n_boot, fid_n=args.fid_n)
     metrics = add_weights_memory(metrics, ok, keys, args.results)  # per (model, quant), from _run.json

@@ -346,3 +346,15 @@ def test_evals_imports_no_other_layer_and_no_private_names():
                 continue
             assert not [m for m in modules if m.split(".")[0] in ("diffusers", "ray", "pipelines", "jobs")], (path, modules)
             assert not [n for n in names if n.startswith("_") and n != "__future__"], (path, names)
+
+
+def test_hf_clip_takes_read_only_images_without_a_warning(tiny_clip_dir):
+    """Decoded images can be read-only; transformers' torchvision backend (used whenever
+    torchvision imports) warns on those, and a clean evaluation log has no warnings."""
+    import warnings
+
+    im = np.zeros((2, 32, 32, 3), np.uint8)
+    im.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert HFCLIPExtractor(tiny_clip_dir, device="cpu")(list(im)).shape == (2, 24)

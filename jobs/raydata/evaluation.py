@@ -72,7 +72,8 @@ def extract(args, df, ok, shards, notes: list[str]):
     caches) and how many rows had features computed."""
     models = set(ok.model)
     fid_name = args.features if args.features != "auto" else ("embedded" if models == {"embedded"} else "inception")
-    clip_name = "embedded" if fid_name == "embedded" else ("clip" if (args.clip_model or args.clip_arch) else None)
+    wants_clip = args.clip_model or args.clip_arch or args.clip_pretrained
+    clip_name = "embedded" if fid_name == "embedded" else ("clip" if wants_clip else None)
     reference = Reference(args.reference, committed_shards(args.reference)) if args.reference else None
     kwargs = extractor_kwargs(args)
     fid_ex = make_extractor(fid_name, kwargs)

@@ -37,7 +37,10 @@ def make_extractor(name: str, kwargs: dict, device=None):
     try:
         return get_extractor(name, device=device, **kwargs)
     except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"{FLAG_OF_EXTRACTOR.get(name, '--features')}: {' '.join(str(e).split())}") from None
+        flag = FLAG_OF_EXTRACTOR.get(name, "--features")
+        if name == "clip" and kwargs.get("clip_pretrained") is not None and kwargs.get("clip_dir") is None:
+            flag = "--clip-pretrained"  # open_clip
+        raise InputError(f"{flag}: {' '.join(str(e).split())}") from None
 
 
 class FeatureActor:
