@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 pytest.importorskip("torchvision", reason="open_clip imports torchvision")
-import open_clip  # noqa: E402  (the test extra installs it; only torchvision may be absent)
+open_clip = pytest.importorskip("open_clip", reason="pip install -e '.[openclip]' beside a torch/torchvision pair")
 from safetensors.torch import save_file  # noqa: E402
 
 from evals.decode import try_decode  # noqa: E402
