@@ -5,7 +5,9 @@ something its pipeline would silently ignore (that makes identical images under 
 sample_ids):
 
 - SD 1.x/2.x, SDXL, SD 3.x: `guidance` is the classifier-free guidance scale (`guidance_scale`,
-  > 1 on: a second, negative-prompt forward per step); `true_cfg_scale` must stay 1.
+  > 1 on: a second, negative-prompt forward per step); `true_cfg_scale` must stay 1. A negative
+  prompt at `guidance` <= 1 is refused: these pipelines run no unconditional pass there
+  (`do_classifier_free_guidance` is `guidance_scale > 1`), so it would change nothing but the sample_id.
 - FLUX-dev (transformer config `guidance_embeds: true`): `guidance` is the distilled guidance
   scale, an input of the transformer (one forward per step). FLUX-schnell (`guidance_embeds:
   false`): FluxPipeline ignores `guidance_scale`, so only the model's default is accepted.
@@ -90,18 +92,30 @@ def max_sequence_length(spec) -> int | None:
     return T5_DEFAULT.get(name)
 
 
+def unused_negative_prompt(spec, guidance: float, true_cfg_scale: float) -> str | None:
+    """Why the model's pipeline would not read a negative prompt at this guidance / true_cfg_scale
+    (the image is the same with or without one), or None when it does read it."""
+    name = pipeline_name(spec)
+    if name == FLUX:
+        return None if true_cfg_scale > 1 else (f"at true_cfg_scale {true_cfg_scale:g} (<= 1): FluxPipeline uses a "
+                                                "negative prompt only for true CFG (set true_cfg_scale > 1)")
+    name = "its pipeline" if name == "auto" else name
+    return None if guidance > 1 else (f"at guidance {guidance:g} (<= 1): {name} runs no classifier-free guidance "
+                                      "there, so it never reads the negative prompt (set guidance > 1)")
+
+
 def guidance_problem(spec, guidance: float, negative_prompt: str, true_cfg_scale: float) -> tuple[str, str] | None:
     """(column, what is expected and why) for the first thing a row asks that the model's pipeline
     would ignore or cannot do; None when the row is fine."""
     name = pipeline_name(spec)
+    if name != FLUX and true_cfg_scale > 1:
+        return "true_cfg_scale", (f"1 (off) for model {spec.name!r}: true_cfg_scale is FluxPipeline's true CFG; "
+                                  f"{name} does classifier-free guidance with the 'guidance' column")
+    unused = negative_prompt and unused_negative_prompt(spec, guidance, true_cfg_scale)
+    if unused:
+        return "negative_prompt", f"'' for model {spec.name!r} {unused}"
     if name != FLUX:
-        if true_cfg_scale > 1:
-            return "true_cfg_scale", (f"1 (off) for model {spec.name!r}: true_cfg_scale is FluxPipeline's true CFG; "
-                                      f"{name} does classifier-free guidance with the 'guidance' column")
         return None
-    if negative_prompt and true_cfg_scale <= 1:
-        return "negative_prompt", (f"'' for model {spec.name!r} at true_cfg_scale <= 1: FluxPipeline uses a negative "
-                                   "prompt only for true CFG (set true_cfg_scale > 1)")
     if guidance_embeds(spec) is False and guidance != spec.guidance:
         return "guidance", (f"{spec.guidance:g} (the model's default) for model {spec.name!r}: its transformer has no "
                             "guidance embedding (guidance_embeds false, FLUX.1-schnell), so FluxPipeline ignores "
