@@ -54,13 +54,15 @@ def denoiser_name(pipe) -> str | None:
     return next((n for n in DENOISERS if getattr(pipe, n, None) is not None), None)
 
 
-def speed_problem(options: SpeedOptions, spec) -> tuple[str, str] | None:
+def speed_problem(options: SpeedOptions, spec, transformer_config: dict | None = None) -> tuple[str, str] | None:
     """(flag, why) for the first option that model `spec` cannot take; None when all apply.
-    Reads only configs already on disk (no torch, no download): the driver checks before the run."""
+    Reads only configs already on disk (no torch, no download): the driver checks before the run.
+    `transformer_config`: the denoiser's config where the caller knows it before it is on disk
+    (the benchmark's architectures, built after the check)."""
     from pipelines.registry.families import component_config, pipeline_name
 
     if options.fuse_qkv and pipeline_name(spec) == "StableDiffusion3Pipeline":
-        config = component_config(spec, "transformer")
+        config = transformer_config if transformer_config is not None else component_config(spec, "transformer")
         if config is None:
             return "--fuse-qkv", ("its transformer/config.json is not readable before the run (local directory or "
                                   "Hugging Face cache), so SD 3.5's q/k norms, which diffusers' fused joint attention "
@@ -72,13 +74,14 @@ def speed_problem(options: SpeedOptions, spec) -> tuple[str, str] | None:
     return None
 
 
-def check_speed_options(options: SpeedOptions, specs) -> None:
-    """Refuse (InputError, one line naming flag, model, family and why) an option a model of the run cannot take."""
+def check_speed_options(options: SpeedOptions, specs, transformer_configs: dict | None = None) -> None:
+    """Refuse (InputError, one line naming flag, model, family and why) an option a model of the run cannot take.
+    `transformer_configs`: model name -> its denoiser's config, for models not on disk yet (see speed_problem)."""
     from pipelines.errors import InputError
     from pipelines.registry.families import family_label
 
     for spec in specs:
-        problem = speed_problem(options, spec)
+        problem = speed_problem(options, spec, (transformer_configs or {}).get(spec.name))
         if problem is not None:
             flag, why = problem
             raise InputError(f"{flag}: model {spec.name!r} ({family_label(spec)}) cannot use it: {why}; "
