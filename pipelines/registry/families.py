@@ -11,6 +11,10 @@ sample_ids):
 - FLUX-dev (transformer config `guidance_embeds: true`): `guidance` is the distilled guidance
   scale, an input of the transformer (one forward per step). FLUX-schnell (`guidance_embeds:
   false`): FluxPipeline ignores `guidance_scale`, so only the model's default is accepted.
+- Which FLUX it is comes from the transformer's config.json (`guidance_embeds`) where it is on
+  disk before the run (a local directory, the Hugging Face cache), else from the registry's
+  `guidance_embeds`; a registry value the config contradicts is refused, at validation or (a
+  hub model downloaded by the worker) at load; with neither, FLUX rows are refused.
 - FLUX, both: `true_cfg_scale` > 1 is diffusers' true CFG (`true_cfg_scale` plus the negative
   prompt, two forwards per step); a negative prompt at `true_cfg_scale` <= 1 is refused,
   since FluxPipeline reads it only for true CFG.
@@ -51,16 +55,47 @@ def family_label(spec) -> str:
     return LABELS.get(name, name)
 
 
+def _variant(embeds: bool) -> str:
+    return "FLUX.1-dev: guidance is the distilled guidance scale" if embeds else "FLUX.1-schnell: guidance is ignored"
+
+
 @lru_cache(maxsize=256)
 def guidance_embeds(spec) -> bool | None:
-    """FLUX only: True for a guidance-distilled (dev) transformer, False for schnell; the registry's
-    `guidance_embeds`, else a local directory's transformer/config.json; None where unknown or not FLUX."""
+    """FLUX only: True for a guidance-distilled (dev) transformer, False for schnell; None where not
+    FLUX, or where neither the registry nor a config on disk says. The transformer's config.json (a
+    local directory's, else the Hugging Face cache's) decides; a registry `guidance_embeds` that
+    contradicts it is refused (ModelConfigError), since rows would be checked for the wrong variant."""
     if pipeline_name(spec) != FLUX:
         return None
-    if spec.guidance_embeds is not None:
+    config = component_config(spec, "transformer")
+    if config is None:
         return spec.guidance_embeds
-    config = component_config(spec, "transformer", hub_cache=False)
-    return None if config is None else bool(config.get("guidance_embeds", False))
+    actual = bool(config.get("guidance_embeds", False))
+    if spec.guidance_embeds is not None and spec.guidance_embeds != actual:
+        raise variant_mismatch(spec, actual, f"{spec.source}'s transformer/config.json")
+    return actual
+
+
+def variant_mismatch(spec, actual: bool, where: str):
+    """The error for a registry `guidance_embeds` that the model's transformer config contradicts."""
+    from pipelines.registry.models import ModelConfigError
+
+    return ModelConfigError(
+        f"model {spec.name!r}, key 'guidance_embeds': the registry says {str(spec.guidance_embeds).lower()} "
+        f"({_variant(spec.guidance_embeds)}), but {where} has guidance_embeds {str(actual).lower()} "
+        f"({_variant(actual)}); set 'guidance_embeds: {str(actual).lower()}' in the models YAML, or leave it "
+        "out to read it from the config")
+
+
+def check_loaded_variant(spec, pipe) -> None:
+    """At load, for a model whose config was not on disk before the run (a hub model downloaded by the
+    worker): the loaded FLUX transformer must be the variant the rows were validated for."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    if type(pipe).__name__ != FLUX or config is None:
+        return
+    actual = bool(config.get("guidance_embeds", False))
+    if spec.guidance_embeds is not None and spec.guidance_embeds != actual:
+        raise variant_mismatch(spec, actual, "the loaded transformer's config")
 
 
 def component_config(spec, component: str, hub_cache: bool = True) -> dict | None:
@@ -116,7 +151,14 @@ def guidance_problem(spec, guidance: float, negative_prompt: str, true_cfg_scale
         return "negative_prompt", f"'' for model {spec.name!r} {unused}"
     if name != FLUX:
         return None
-    if guidance_embeds(spec) is False and guidance != spec.guidance:
+    embeds = guidance_embeds(spec)
+    if embeds is None:
+        return "model", (f"a FLUX model whose variant is known before the run: whether {spec.name!r} is FLUX.1-dev "
+                         "(guidance embedded) or -schnell (guidance ignored) decides what 'guidance' means, and its "
+                         f"transformer/config.json is neither in a local directory nor in the Hugging Face cache; set "
+                         "'guidance_embeds: true' (dev) or 'false' (schnell) in the models YAML (checked against the "
+                         "config at load), or download the model first")
+    if embeds is False and guidance != spec.guidance:
         return "guidance", (f"{spec.guidance:g} (the model's default) for model {spec.name!r}: its transformer has no "
                             "guidance embedding (guidance_embeds false, FLUX.1-schnell), so FluxPipeline ignores "
                             "guidance_scale; for CFG use true_cfg_scale > 1")
