@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from jobs import generate as gen_job
-from pipelines.registry.families import guidance_embeds, max_sequence_length
+from pipelines.registry.families import FluxVariantError, guidance_embeds, max_sequence_length
 from pipelines.registry.loading import load_model
-from pipelines.registry.models import ModelConfigError, ModelRegistry
+from pipelines.registry.models import ModelRegistry
 from pipelines.registry.tiny_families import TINY_FAMILIES, save_tiny
 from pipelines.validation import ManifestError, validate_manifest
 from tests.conftest import write_parquet
@@ -90,7 +90,7 @@ def test_a_registry_variant_the_config_contradicts_is_refused_before_the_run(tmp
 def test_base_flux_dev_on_a_schnell_directory_is_refused(tmp_path, saved):
     """The likely slip: inheriting flux-dev's settings (guidance_embeds true) for a local FLUX.1-schnell copy."""
     registry, _ = registry_of(tmp_path, {"my-flux": dict(base="flux-dev", source=str(saved["schnell"]))})
-    with pytest.raises(ModelConfigError, match="model 'my-flux', key 'guidance_embeds': the registry says true"):
+    with pytest.raises(FluxVariantError, match="model 'my-flux', key 'guidance_embeds': the registry says true"):
         validate_manifest(rows("my-flux", 3.5), registry)
 
 
@@ -108,6 +108,6 @@ def test_an_unknown_variant_is_refused_and_a_wrong_one_fails_at_load(tmp_path, s
         validate_manifest(rows("hub-unknown", 3.5), registry)
     assert validate_manifest(rows("hub-declared", 7.0), registry).num_rows == 1  # checked again at load
     spec = replace(registry.get("hub-declared"), name="downloaded", source=str(saved["schnell"]))
-    with pytest.raises(ModelConfigError, match="the registry says true .* but the loaded transformer's config has "
+    with pytest.raises(FluxVariantError, match="the registry says true .* but the loaded transformer's config has "
                                                "guidance_embeds false"):
         load_model(spec)

@@ -17,7 +17,8 @@ model's refiner; an option a model cannot take is refused before the run (`speed
   GEMMs. UNets with added KV projections (some SDXL-refiner/IP-adapter setups) are left as they
   are. Refused for SD 3.5-type transformers (`qk_norm` or dual attention layers): diffusers'
   FusedJointAttnProcessor2_0 skips the q/k RMS norms (6/255 off on a tiny one) and fails on
-  the self-attention-only second attention.
+  the self-attention-only second attention. Refused with LoRA adapters (`check_fused_loras`):
+  the fused projection is built from the base weights and the adapter's q/k/v deltas are lost.
 - compile: `torch.compile` of the denoiser and of the VAE decoder, the two places the time goes.
   The first calls compile (seconds to minutes: the warm-up pays it, and the benchmark
   reports it apart); after that, other schedulers, step counts and guidance scales of the
@@ -86,6 +87,25 @@ def check_speed_options(options: SpeedOptions, specs, transformer_configs: dict 
             flag, why = problem
             raise InputError(f"{flag}: model {spec.name!r} ({family_label(spec)}) cannot use it: {why}; "
                              f"run it without {flag}")
+
+
+FUSED_LORA_WHY = ("diffusers' fused attention reads to_qkv, built from the base weights, so a LoRA adapter's "
+                  "query/key/value deltas are dropped (other pixels: on the embedded model 255/255 levels off the "
+                  "adapter's image, fused before or after loading it)")
+
+
+def check_fused_loras(options: SpeedOptions, loras) -> None:
+    """Refuse --fuse-qkv for a run whose manifest has rows with LoRA adapters (`loras`: the
+    validated manifest's `lora` column), naming the first such row."""
+    from pipelines.errors import InputError
+
+    if not options.fuse_qkv:
+        return
+    rows = [i for i, lora in enumerate(loras) if lora]
+    if rows:
+        raise InputError(f"--fuse-qkv: row {rows[0]}, column 'lora': got {loras[rows[0]]!r} ({len(rows)} row(s) with "
+                         f"adapters); fused QKV projections cannot carry an adapter: {FUSED_LORA_WHY}; run rows with "
+                         "adapters without --fuse-qkv")
 
 
 def apply_speed_options(pipe, options: SpeedOptions):

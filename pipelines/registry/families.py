@@ -30,6 +30,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from pipelines.errors import InputError
+
 FLUX = "FluxPipeline"
 T5_DEFAULT = {"StableDiffusion3Pipeline": 256, "StableDiffusion3Img2ImgPipeline": 256}
 FLUX_DEV_T5, FLUX_SCHNELL_T5 = 512, 256
@@ -55,6 +57,10 @@ def family_label(spec) -> str:
     return LABELS.get(name, name)
 
 
+class FluxVariantError(InputError):
+    """A registry `guidance_embeds` that the FLUX transformer's config contradicts."""
+
+
 def _variant(embeds: bool) -> str:
     return "FLUX.1-dev: guidance is the distilled guidance scale" if embeds else "FLUX.1-schnell: guidance is ignored"
 
@@ -64,7 +70,7 @@ def guidance_embeds(spec) -> bool | None:
     """FLUX only: True for a guidance-distilled (dev) transformer, False for schnell; None where not
     FLUX, or where neither the registry nor a config on disk says. The transformer's config.json (a
     local directory's, else the Hugging Face cache's) decides; a registry `guidance_embeds` that
-    contradicts it is refused (ModelConfigError), since rows would be checked for the wrong variant."""
+    contradicts it is refused (FluxVariantError), since rows would be checked for the wrong variant."""
     if pipeline_name(spec) != FLUX:
         return None
     config = component_config(spec, "transformer")
@@ -78,9 +84,7 @@ def guidance_embeds(spec) -> bool | None:
 
 def variant_mismatch(spec, actual: bool, where: str):
     """The error for a registry `guidance_embeds` that the model's transformer config contradicts."""
-    from pipelines.registry.models import ModelConfigError
-
-    return ModelConfigError(
+    return FluxVariantError(
         f"model {spec.name!r}, key 'guidance_embeds': the registry says {str(spec.guidance_embeds).lower()} "
         f"({_variant(spec.guidance_embeds)}), but {where} has guidance_embeds {str(actual).lower()} "
         f"({_variant(actual)}); set 'guidance_embeds: {str(actual).lower()}' in the models YAML, or leave it "
