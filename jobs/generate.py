@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from any directory
 from jobs.cli import OneLineParser, at_least  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
 from pipelines.generation.plan import plan  # noqa: E402
-from pipelines.generation.speed import COMPILE_MODES, SpeedOptions, check_speed_options  # noqa: E402
+from pipelines.generation.speed import COMPILE_MODES, SpeedOptions, check_fused_loras, check_speed_options  # noqa: E402
 from pipelines.storage.lease import DEFAULT_TTL_S  # noqa: E402
 
 
@@ -111,6 +111,7 @@ def run(args) -> int:
     try:
         models = sorted(set(p.manifest.column("model").to_pylist()))
         check_speed_options(speed_options(args), p.registry.with_refiners(models).values())
+        check_fused_loras(speed_options(args), p.manifest.column("lora").to_pylist())
         record, this_run = new_record(p, args.manifest, dict(vars(args)), _versions())
         if p.todo.num_rows == 0:
             this_run.update(finished_at=now(), ok=0, error=0, shards=0)

@@ -9,6 +9,11 @@ steps x guidance x sizes (x cache intervals), one row per image, ordered by run 
 Seeds are shared across configurations (seed k of a prompt is the same in every
 configuration), so configurations are compared on the same starting noise.
 
+A negative prompt goes only to rows whose pipeline reads it: rows at guidance <= 1 on SD, SDXL
+and SD3 (no classifier-free guidance runs, so no unconditional pass) and at true_cfg_scale <= 1
+on FLUX get negative_prompt '' (the image is the same with or without it, and the sample_id then
+says so), and one stderr line says how many; a negative prompt no row reads is refused.
+
 Every spec key and flag is type- and range-checked before anything is built, and a sweep
 whose cross product exceeds --max-rows is refused with the row count it would make; on
 bad input the exit code is 2, one `error:` line names each key or flag, the value and what
@@ -171,7 +176,8 @@ def main(argv=None) -> int:
         spec, labels = spec_from_args(args)
         registry = ModelRegistry.with_user_file(args.models_file)
         sweep = check_spec(spec, registry, labels)
-        manifest = build_manifest(sweep, registry, max_rows=args.max_rows)
+        notes: list[str] = []
+        manifest = build_manifest(sweep, registry, max_rows=args.max_rows, notes=notes)
         try:
             write_atomically(manifest, out)
         except OSError as e:
@@ -179,6 +185,8 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(note, file=sys.stderr)
     configs = manifest.select(RUN_KEY).to_pandas().drop_duplicates()
     print(f"wrote {args.out}: {manifest.num_rows:,} rows, {len(configs):,} configurations ({sweep.factors()})",
           file=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,7 @@ class Sweep:
     seed: int
     negative_prompt: str | None
     axes: dict  # manifest column (or "size") -> values; [None] = the model's default
+    labels: dict = field(default_factory=dict)  # spec key -> how messages name it
 
     @property
     def configurations(self) -> int:
@@ -179,7 +180,7 @@ def check_spec(spec: dict, registry: ModelRegistry, labels: dict | None = None) 
     prompts = _prompts(spec.get("prompts"), bad)
     bad.raise_if_any()
     return Sweep(prompts=read_prompts(prompts, labels["prompts"]), n_seeds=n_seeds, seed=seed,
-                 negative_prompt=negative, axes=axes)
+                 negative_prompt=negative, axes=axes, labels=labels)
 
 
 class _Values:
@@ -273,8 +274,9 @@ def _prompts(source, bad: _Problems):
 
 
 def build_manifest(spec: dict | Sweep, registry: ModelRegistry, max_rows: int = DEFAULT_MAX_ROWS,
-                   labels: dict | None = None) -> pa.Table:
-    """The validated manifest of the sweep; refused before anything is built if it exceeds max_rows."""
+                   labels: dict | None = None, notes: list | None = None) -> pa.Table:
+    """The validated manifest of the sweep; refused before anything is built if it exceeds max_rows.
+    One-line notes for the user (negative prompts left out, see `drop_unused_negatives`) go to `notes`."""
     sweep = spec if isinstance(spec, Sweep) else check_spec(spec, registry, labels)
     if sweep.rows > max_rows:
         raise InputError(f"the sweep would make {sweep.rows:,} rows ({sweep.factors()}), more than --max-rows "
@@ -299,5 +301,45 @@ def build_manifest(spec: dict | Sweep, registry: ModelRegistry, max_rows: int = 
         columns["negative_prompt"] = pa.array([sweep.negative_prompt] * table.num_rows, type=pa.string())
     for col, values in columns.items():
         table = table.append_column(col, values)
+    table = drop_unused_negatives(table, registry, sweep, notes if notes is not None else [])
     manifest = validate_manifest(table, registry, source="sweep spec")
     return order_by_run_key(manifest)
+
+
+def drop_unused_negatives(table: pa.Table, registry: ModelRegistry, sweep: Sweep, notes: list) -> pa.Table:
+    """Rows whose pipeline would not read their negative prompt get '' instead, and a note says how many.
+
+    A manifest row with such a negative prompt is refused (pipelines.registry.families): guidance
+    <= 1 on SD/SDXL/SD3 (no unconditional pass runs) or true_cfg_scale <= 1 on FLUX. A sweep that
+    crosses a negative prompt with those values means the row without it: its image is the same,
+    and now its sample_id and its negative_prompt column say so. A negative prompt no row of the
+    sweep can read is refused: it would be dropped everywhere.
+    """
+    from pipelines.registry.families import unused_negative_prompt
+
+    if "negative_prompt" not in table.column_names:
+        return table
+    n = table.num_rows
+    given = {c: table.column(c).to_pylist() if c in table.column_names else [None] * n
+             for c in ("negative_prompt", "model", "guidance", "true_cfg_scale")}
+    negatives, dropped, why = list(given["negative_prompt"]), 0, None
+    for i, (neg, m, g, cfg) in enumerate(zip(*given.values())):
+        spec = registry.specs.get(m or "embedded")
+        if not (isinstance(neg, str) and neg) or spec is None:
+            continue  # no negative prompt, or a bad row that validation names
+        unused = unused_negative_prompt(spec, spec.guidance if g is None else g, 1.0 if cfg is None else cfg)
+        if unused:
+            negatives[i], dropped, why = "", dropped + 1, why or f"model {spec.name!r} {unused}"
+    if not dropped:
+        return table
+    if dropped == sum(isinstance(v, str) and v != "" for v in given["negative_prompt"]):
+        first = next(v for v in given["negative_prompt"] if isinstance(v, str) and v)
+        where = (sweep.labels.get("negative_prompt", "negative_prompt") if sweep.negative_prompt is not None
+                 else f"{sweep.labels.get('prompts', 'prompts')}, column 'negative_prompt'")
+        raise InputError(f"{where}: got {short_repr(first)}; expected a sweep where some row reads it: no row does "
+                         f"({why}); add guidance > 1 (true_cfg_scales > 1 on FLUX) or leave the negative prompt out")
+    notes.append(f"note: negative_prompt left out ('') of {dropped:,} of {n:,} rows whose pipeline does not read it "
+                 "(guidance <= 1 on SD/SDXL/SD3, true_cfg_scale <= 1 on FLUX): their images are the same without it, "
+                 "and their sample_ids say so")
+    i = table.column_names.index("negative_prompt")
+    return table.set_column(i, "negative_prompt", pa.array(negatives, type=table.schema.field(i).type))

@@ -206,7 +206,8 @@ def _check_for_model(values: dict, specs: dict, out: _Collector) -> None:
     for i, (m, g, neg, cfg) in enumerate(guided):
         bad = m in specs and g is not None and cfg is not None and guidance_problem(specs[m], g, neg or "", cfg)
         if bad:
-            out.add(i, bad[0], {"guidance": g, "negative_prompt": neg, "true_cfg_scale": cfg}[bad[0]], bad[1])
+            value = {"guidance": g, "negative_prompt": neg, "true_cfg_scale": cfg, "model": m}[bad[0]]
+            out.add(i, bad[0], value, bad[1])
 
 
 def _loras(names, scales, models, specs, registry: ModelRegistry, out: _Collector) -> tuple[list, list]:

@@ -11,12 +11,15 @@ from pipelines.benchmarking.memory import free
 
 
 def resolve_models(names: list[str] | None, models_file: str | None, dtype_flag: str, work_dir: Path,
-                   device: str) -> dict:
+                   device: str, speed=None) -> dict:
     """name -> (ModelSpec, "random" | "trained", architecture name or None). sd15/sdxl (unless the
     user's --models file names them) are built with random weights and saved as a local
     diffusers directory, so plain diffusers, the actor and the Ray job all load the same
-    files the usual way. `names` None: the device's default models."""
+    files the usual way. `names` None: the device's default models. `speed` (SpeedOptions):
+    an option a model (or its refiner) cannot take is refused as jobs/generate.py refuses it,
+    before anything is built."""
     from pipelines.benchmarking.architectures import ARCHITECTURES
+    from pipelines.generation.speed import check_speed_options
     from pipelines.registry.models import ModelRegistry, load_models_yaml
     from pipelines.registry.loading import check_available, resolve_dtype
 
@@ -24,6 +27,10 @@ def resolve_models(names: list[str] | None, models_file: str | None, dtype_flag:
     user = set(load_models_yaml(models_file)) if models_file else set()
     if not names:
         names = ["sd15", "sdxl"] + (["embedded"] if embedded_built() else []) if device == "cuda" else [cpu_default()]
+    if speed is not None:
+        built = {n: ARCHITECTURES[n].get("transformer", (None, None))[1] for n in names
+                 if n in ARCHITECTURES and n not in user}
+        check_speed_options(speed, registry.with_refiners(names).values(), built)
     out = {}
     for name in names:
         spec = registry.get(name)

@@ -22,6 +22,7 @@ from pipelines.benchmarking.models import pipe_for_flops, resolve_models
 from pipelines.benchmarking.pixels import max_pixel_diff, pixels_match, reference_fields
 from pipelines.benchmarking.plain import float32_reference, time_plain
 from pipelines.benchmarking.rows import make_rows, row_count, schedulers_used, summary_row
+from pipelines.generation.speed import SpeedOptions
 
 PATHS = ("plain", "actor", "ray")
 
@@ -34,7 +35,8 @@ def run_throughput(args, ray_job=None) -> tuple[list[dict], dict]:
     device, device_name = environment.device()
     work_dir = Path(args.work_dir) if args.work_dir else Path(args.out) / "_work"
     batches = args.batch_sizes or ([1, 4, 16] if device == "cuda" else [1, 4])
-    models = resolve_models(args.model, args.models, args.dtype, work_dir, device)
+    models = resolve_models(args.model, args.models, args.dtype, work_dir, device,
+                            SpeedOptions(**speed_options(args)))
     env = environment.describe(args, device, device_name, with_ray="ray" in args.paths)
     for spec, _, _ in models.values():
         make_rows(spec, args, 1)  # bad flags (scheduler, size, steps) fail here, before Ray starts

@@ -17,7 +17,8 @@ model's refiner; an option a model cannot take is refused before the run (`speed
   GEMMs. UNets with added KV projections (some SDXL-refiner/IP-adapter setups) are left as they
   are. Refused for SD 3.5-type transformers (`qk_norm` or dual attention layers): diffusers'
   FusedJointAttnProcessor2_0 skips the q/k RMS norms (6/255 off on a tiny one) and fails on
-  the self-attention-only second attention.
+  the self-attention-only second attention. Refused with LoRA adapters (`check_fused_loras`):
+  the fused projection is built from the base weights and the adapter's q/k/v deltas are lost.
 - compile: `torch.compile` of the denoiser and of the VAE decoder, the two places the time goes.
   The first calls compile (seconds to minutes: the warm-up pays it, and the benchmark
   reports it apart); after that, other schedulers, step counts and guidance scales of the
@@ -54,13 +55,15 @@ def denoiser_name(pipe) -> str | None:
     return next((n for n in DENOISERS if getattr(pipe, n, None) is not None), None)
 
 
-def speed_problem(options: SpeedOptions, spec) -> tuple[str, str] | None:
+def speed_problem(options: SpeedOptions, spec, transformer_config: dict | None = None) -> tuple[str, str] | None:
     """(flag, why) for the first option that model `spec` cannot take; None when all apply.
-    Reads only configs already on disk (no torch, no download): the driver checks before the run."""
+    Reads only configs already on disk (no torch, no download): the driver checks before the run.
+    `transformer_config`: the denoiser's config where the caller knows it before it is on disk
+    (the benchmark's architectures, built after the check)."""
     from pipelines.registry.families import component_config, pipeline_name
 
     if options.fuse_qkv and pipeline_name(spec) == "StableDiffusion3Pipeline":
-        config = component_config(spec, "transformer")
+        config = transformer_config if transformer_config is not None else component_config(spec, "transformer")
         if config is None:
             return "--fuse-qkv", ("its transformer/config.json is not readable before the run (local directory or "
                                   "Hugging Face cache), so SD 3.5's q/k norms, which diffusers' fused joint attention "
@@ -72,17 +75,37 @@ def speed_problem(options: SpeedOptions, spec) -> tuple[str, str] | None:
     return None
 
 
-def check_speed_options(options: SpeedOptions, specs) -> None:
-    """Refuse (InputError, one line naming flag, model, family and why) an option a model of the run cannot take."""
+def check_speed_options(options: SpeedOptions, specs, transformer_configs: dict | None = None) -> None:
+    """Refuse (InputError, one line naming flag, model, family and why) an option a model of the run cannot take.
+    `transformer_configs`: model name -> its denoiser's config, for models not on disk yet (see speed_problem)."""
     from pipelines.errors import InputError
     from pipelines.registry.families import family_label
 
     for spec in specs:
-        problem = speed_problem(options, spec)
+        problem = speed_problem(options, spec, (transformer_configs or {}).get(spec.name))
         if problem is not None:
             flag, why = problem
             raise InputError(f"{flag}: model {spec.name!r} ({family_label(spec)}) cannot use it: {why}; "
                              f"run it without {flag}")
+
+
+FUSED_LORA_WHY = ("diffusers' fused attention reads to_qkv, built from the base weights, so a LoRA adapter's "
+                  "query/key/value deltas are dropped (other pixels: on the embedded model 255/255 levels off the "
+                  "adapter's image, fused before or after loading it)")
+
+
+def check_fused_loras(options: SpeedOptions, loras) -> None:
+    """Refuse --fuse-qkv for a run whose manifest has rows with LoRA adapters (`loras`: the
+    validated manifest's `lora` column), naming the first such row."""
+    from pipelines.errors import InputError
+
+    if not options.fuse_qkv:
+        return
+    rows = [i for i, lora in enumerate(loras) if lora]
+    if rows:
+        raise InputError(f"--fuse-qkv: row {rows[0]}, column 'lora': got {loras[rows[0]]!r} ({len(rows)} row(s) with "
+                         f"adapters); fused QKV projections cannot carry an adapter: {FUSED_LORA_WHY}; run rows with "
+                         "adapters without --fuse-qkv")
 
 
 def apply_speed_options(pipe, options: SpeedOptions):

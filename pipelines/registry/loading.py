@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.registry.families import check_loaded_variant
 from pipelines.registry.models import BUILTIN_PREFIX, ModelConfigError, ModelNotFoundError, ModelSpec
 from pipelines.safe_yaml import one_line
 
@@ -222,6 +223,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", dtype: str = "auto", quant:
         components = q.components_of(_component_names(spec), spec.quantize_text_encoders)
         pipe, digest = _from_pretrained(spec, torch_dtype, q.pipeline_config(quant, components, torch_dtype))
         pipe = pipe.to(device)
+    check_loaded_variant(spec, pipe)  # a FLUX transformer of the variant the rows were validated for
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # a sweep measures the model, not a filter that blanks images

@@ -227,6 +227,12 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fused_attention(pipe) -> bool:
+    """Whether the pipeline's denoiser has fused QKV projections (diffusers' `fused_projections`)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return denoiser is not None and any(getattr(m, "fused_projections", False) for m in denoiser.modules())
+
+
 class Adapters:
     """The adapters loaded into one pipeline: each loaded once, then switched per batch with
     `set_adapters` (the base weights are never reloaded; rows without adapters run with the
@@ -243,6 +249,10 @@ class Adapters:
         pairs = adapters(lora, scale)
         for name, _ in pairs:
             if name not in self.digests:
+                if _fused_attention(self.pipe):  # a second guard behind the driver's check_fused_loras
+                    raise ValueError(f"adapter {name!r} on fused QKV projections (--fuse-qkv): diffusers' fused "
+                                     "attention reads to_qkv, built from the base weights, so the adapter's "
+                                     "query/key/value deltas would be dropped")
                 path = resolve_file(self.registry[name])
                 self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name,
                                             use_safetensors=True)

@@ -67,6 +67,10 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
                   pipeline="StableDiffusionPipeline"),
         ModelSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "euler", 30, 5.0, 1024, 1024,
                   pipeline="StableDiffusionXLPipeline", variant="fp16"),
+        # SDXL 1.0's refiner: no row names it; a base names it as its `refiner` (sdxl: {base: sdxl, refiner:
+        # sdxl-refiner} in a models YAML), so plain SDXL runs never need its weights.
+        ModelSpec("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", "euler", 30, 5.0, 1024, 1024,
+                  pipeline="StableDiffusionXLImg2ImgPipeline", variant="fp16"),
         ModelSpec("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", "flow_match_euler", 40, 4.5, 1024, 1024,
                   pipeline="StableDiffusion3Pipeline", family="flow", size_factor=16, gpu_dtype="bfloat16"),
         ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flow_match_euler", 4, 0.0, 1024, 1024,
