@@ -110,8 +110,9 @@ def run(args) -> int:
              overwrite=args.overwrite, retry_errors=args.retry_errors, limit=args.limit)
     try:
         models = sorted(set(p.manifest.column("model").to_pylist()))
-        check_speed_options(speed_options(args), p.registry.with_refiners(models).values())
-        check_fused_loras(speed_options(args), p.manifest.column("lora").to_pylist())
+        speed = speed_options(args)
+        check_speed_options(speed, p.registry.with_refiners(models).values())
+        check_fused_loras(speed, p.manifest.column("lora").to_pylist())
         record, this_run = new_record(p, args.manifest, dict(vars(args)), _versions())
         if p.todo.num_rows == 0:
             this_run.update(finished_at=now(), ok=0, error=0, shards=0)

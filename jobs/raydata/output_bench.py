@@ -8,11 +8,10 @@ what one driver pays per image however many GPUs feed it.
 
 from __future__ import annotations
 
-import os
 import time
 
 from jobs.raydata.generation import RunOptions, ShardCommitter
-from jobs.raydata.session import ROOT, init_ray
+from jobs.raydata.session import init_ray
 from pipelines.benchmarking.output import actor_blocks, summary
 from pipelines.generation.plan import Plan
 from pipelines.generation.worker import encode_pngs
@@ -22,9 +21,7 @@ def run_output_stage(p: Plan, o: RunOptions, size: int, block_rows: int) -> dict
     """Push every row of `p.todo` through the output stage as fast as it goes."""
     import ray
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # a fresh one, not a `ray start` left over
-        ray.init(address="local", logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    init_ray()
+    init_ray()  # without RAY_ADDRESS a local Ray of its own, as the jobs
     blocks = actor_blocks(p.todo.column("sample_id").to_pylist(), size, block_rows)
     ds = ray.data.from_pandas(blocks).map_batches(encode_pngs, batch_format="pandas", num_cpus=0.5)
     commit = ShardCommitter(p, o.shard_rows, o.flush_seconds, progress=False)

@@ -76,30 +76,27 @@ def guidance_embeds(spec) -> bool | None:
     config = component_config(spec, "transformer")
     if config is None:
         return spec.guidance_embeds
+    return _config_variant(spec, config, f"{spec.source}'s transformer/config.json")
+
+
+def _config_variant(spec, config, where: str) -> bool:
+    """The transformer config's `guidance_embeds`; FluxVariantError where the registry's contradicts it."""
     actual = bool(config.get("guidance_embeds", False))
     if spec.guidance_embeds is not None and spec.guidance_embeds != actual:
-        raise variant_mismatch(spec, actual, f"{spec.source}'s transformer/config.json")
+        raise FluxVariantError(
+            f"model {spec.name!r}, key 'guidance_embeds': the registry says {str(spec.guidance_embeds).lower()} "
+            f"({_variant(spec.guidance_embeds)}), but {where} has guidance_embeds {str(actual).lower()} "
+            f"({_variant(actual)}); set 'guidance_embeds: {str(actual).lower()}' in the models YAML, or leave it "
+            "out to read it from the config")
     return actual
-
-
-def variant_mismatch(spec, actual: bool, where: str):
-    """The error for a registry `guidance_embeds` that the model's transformer config contradicts."""
-    return FluxVariantError(
-        f"model {spec.name!r}, key 'guidance_embeds': the registry says {str(spec.guidance_embeds).lower()} "
-        f"({_variant(spec.guidance_embeds)}), but {where} has guidance_embeds {str(actual).lower()} "
-        f"({_variant(actual)}); set 'guidance_embeds: {str(actual).lower()}' in the models YAML, or leave it "
-        "out to read it from the config")
 
 
 def check_loaded_variant(spec, pipe) -> None:
     """At load, for a model whose config was not on disk before the run (a hub model downloaded by the
     worker): the loaded FLUX transformer must be the variant the rows were validated for."""
     config = getattr(getattr(pipe, "transformer", None), "config", None)
-    if type(pipe).__name__ != FLUX or config is None:
-        return
-    actual = bool(config.get("guidance_embeds", False))
-    if spec.guidance_embeds is not None and spec.guidance_embeds != actual:
-        raise variant_mismatch(spec, actual, "the loaded transformer's config")
+    if type(pipe).__name__ == FLUX and config is not None:
+        _config_variant(spec, config, "the loaded transformer's config")
 
 
 def component_config(spec, component: str, hub_cache: bool = True) -> dict | None:
