@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=at_least(1, int), default=None, help="torch intra-op threads in each CPU actor (default: all cores but one / pool size)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weights/activations dtype (auto: the model's half type on GPU, float32 on CPU)")
-    p.add_argument("--shard-rows", type=at_least(1, int), default=256, help="rows per committed result shard (default 256)")
-    p.add_argument("--flush-seconds", type=at_least(0, strict=True), default=60.0, help="commit a partial shard after this long (default 60)")
+    p.add_argument("--shard-rows", type=at_least(1, int), default=256,
+                   help="rows per result shard, written by a CPU worker once that many images are done (default 256)")
     p.add_argument("--max-retries", type=at_least(0, int), default=3,
                    help="retries of a batch whose actor died (killed, node lost), and new passes over the rest after a "
                         "lost node; actors are always replaced (default 3)")
@@ -94,7 +94,7 @@ def run_options(args):
     from jobs.raydata.generation import RunOptions
     return RunOptions(dtype=args.dtype, batch_size=args.batch_size, batching=args.batching, speed=speed_options(args),
                       pool_size=args.pool_size, num_gpus=args.num_gpus, cpus_per_actor=args.cpus_per_actor,
-                      torch_threads=args.torch_threads, shard_rows=args.shard_rows, flush_seconds=args.flush_seconds,
+                      torch_threads=args.torch_threads, shard_rows=args.shard_rows,
                       max_retries=args.max_retries, schedule_timeout=args.schedule_timeout,
                       progress=not args.no_progress)
 

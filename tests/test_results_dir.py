@@ -79,7 +79,7 @@ def test_bad_out_is_refused_before_anything_is_written(tmp_path, capsys, out_kin
 
 @pytest.mark.parametrize("flag,value,named", [
     ("--max-retries", "-2", "--max-retries"), ("--cpus-per-actor", "-0.5", "--cpus-per-actor"),
-    ("--flush-seconds", "0", "--flush-seconds"), ("--flush-seconds", "nan", "--flush-seconds"),
+    ("--shard-rows", "nan", "--shard-rows"),
     ("--num-gpus", "-1", "--num-gpus"), ("--shard-rows", "0", "--shard-rows"), ("--pool-size", "two", "--pool-size"),
     ("--lease-seconds", "0.2", "--lease-seconds"), ("--torch-threads", "-4", "--torch-threads"),
     ("--batch-size", "0", "--batch-size"), ("--schedule-timeout", "-5", "--schedule-timeout"),

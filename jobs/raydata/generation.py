@@ -1,5 +1,6 @@
 """The generation run on Ray Data: manifest rows -> an actor pool of generation workers ->
-PNG encoding on CPU tasks -> committed result shards, with one progress bar on the driver.
+CPU tasks that PNG-encode and write staged shards -> shards committed by the driver, with
+one progress bar on the driver. Image bytes stay on the workers (pipelines/generation/output.py).
 
 The plan (pipelines/generation/plan.py) has already validated everything and leased the
 results directory; this module only starts the cluster work and commits what comes back.
@@ -13,20 +14,17 @@ import datetime as dt
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass, field, replace
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from jobs.raydata.session import AttemptCounter, batch_attempts, check_schedulable, init_ray
 from pipelines.contract import MANIFEST_COLUMNS
 from pipelines.errors import exception_chain, innermost_cause
 from pipelines.generation.batch_size import AUTO_CAP, CPU_BATCH_SIZE
-from pipelines.generation.blocks import CallSizes, call_blocks
+from pipelines.generation.blocks import call_blocks
 from pipelines.generation.plan import Plan
 from pipelines.generation.speed import SpeedOptions
-from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, LOAD_COLUMNS, GenerateActor, encode_pngs
+from pipelines.generation.output import ShardCommitter, stage_shard
+from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, GenerateActor
 from pipelines.storage.lease import LeaseLostError
 from pipelines.validation import check_device
 
@@ -44,7 +42,6 @@ class RunOptions:
     cpus_per_actor: float = 1
     torch_threads: int | None = None
     shard_rows: int = 256
-    flush_seconds: float = 60.0
     max_retries: int = 3
     schedule_timeout: float = 600.0
     progress: bool = True
@@ -62,7 +59,7 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     this_run.update(pool_size=pool, num_gpus_per_actor=num_gpus, ray_version=ray.__version__)
     attempts_name = f"diffsweep-attempts-{p.run_id}"
     attempts = batch_attempts(ray, attempts_name)
-    commit = ShardCommitter(p, o.shard_rows, o.flush_seconds, o.progress)
+    commit = ShardCommitter(p.store, p.lease, p.run_id, p.todo, o.progress)
     try:
         for resubmit in range(o.max_retries + 1):  # a new pass over the rows still to do after a lost node
             rest = replace(p, todo=commit.rest())
@@ -70,7 +67,6 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
                                                 retry=resubmit < o.max_retries):
                 break
             this_run["resubmitted"] = resubmit + 1
-        commit.flush()
     except (Exception, KeyboardInterrupt) as e:  # unrecoverable failure or Ctrl-C: keep what is done
         ray.kill(attempts)
         return _stopped(e, ray, p, o, commit, record, this_run, out, num_gpus)
@@ -80,7 +76,7 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
     counts = commit.counts
     this_run.update(finished_at=now(), ok=counts["ok"], error=counts["error"], shards=commit.seq,
                     prompts_truncated=counts["truncated"], actor_restarts=restarts, loads=commit.load_records(),
-                    mean_batch_size=commit.calls.mean())
+                    mean_batch_size=commit.calls.mean(), driver_bytes_received=commit.received_bytes)
     p.store.write_run(record)
     print(f"done: {counts['ok']} ok, {counts['error']} error, {p.n_done} already in {out} (skipped)"
           + (f", mean batch size {commit.calls.mean():g} (images per diffusers call)" if commit.calls.mean() else "")
@@ -94,7 +90,7 @@ def _drain(ray, ds, commit: ShardCommitter, retry: bool) -> bool:
     """Feed one pass of the pipeline to the committer; True once it is through. Ray Data replaces
     a dead actor and retries its batch by itself, but not always an actor lost with its node
     (ActorUnavailableError), nor blocks whose only copy was on that node: then, if `retry`, the
-    rows that arrived are committed and this returns False, so the caller starts a new pass
+    shards that arrived stay committed and this returns False, so the caller starts a new pass
     (a new pool on the remaining nodes) over the rest. Other failures are raised."""
     batches = ds.iter_batches(batch_size=None, batch_format="pandas")
     try:
@@ -106,7 +102,6 @@ def _drain(ray, ds, commit: ShardCommitter, retry: bool) -> bool:
         if not (retry and isinstance(e, Exception) and _worker_lost(ray, e)):
             raise
         why = innermost_cause(e)
-    commit.flush()
     print(f"warning: a generation worker was lost ({why}); resubmitting the {commit.rest().num_rows} unfinished "
           "rows to a new pool", file=sys.stderr)
     return False
@@ -153,77 +148,17 @@ def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_n
             num_gpus=num_gpus,
             num_cpus=o.cpus_per_actor,
         )
-        .map_batches(encode_pngs, batch_format="pandas", num_cpus=0.5)
+        # PNG encoding and the shard write run where the pixels are; the driver gets a row per shard.
+        .map_batches(stage_shard, batch_size=o.shard_rows, batch_format="pandas", num_cpus=0.5,
+                     fn_kwargs=dict(out=p.store.address, todo=p.todo))
     )
-
-
-class ShardCommitter:
-    """Result batches -> committed shards of about `shard_rows` rows (or whatever arrived in
-    `flush_seconds`), each sample_id once, counted on the progress bar."""
-
-    def __init__(self, p: Plan, shard_rows: int, flush_seconds: float, progress: bool):
-        self.p, self.shard_rows, self.flush_seconds = p, shard_rows, flush_seconds
-        self.counts = {"ok": 0, "error": 0, "truncated": 0}
-        self.calls = CallSizes()  # images per diffusers call, from the rows' batch_size
-        self.position = {sid: i for i, sid in enumerate(p.manifest.column("sample_id").to_pylist())}
-        self.written: set[str] = set()  # a row reaches the output once, even if Ray hands it over twice
-        self.pending: list[pa.Table] = []
-        self.seq, self.last_flush = 0, time.monotonic()
-        self.loads: dict = {}  # (worker, model, quant) -> load_seconds, peak_mem_bytes, weights_bytes
-        self.pipeline_of = [p.manifest.column(c).to_pylist() for c in ("model", "quant")]
-        from tqdm import tqdm
-
-        self.progress = tqdm(total=p.todo.num_rows, unit="img", desc="generate", disable=not progress,
-                             dynamic_ncols=True)
-
-    def add(self, batch) -> None:
-        batch = batch[~batch["sample_id"].isin(self.written)]
-        self.written.update(batch["sample_id"])
-        if "load_seconds" in batch:  # error rows have none
-            for r in batch[batch["load_seconds"].notna()].itertuples():
-                i = self.position[r.sample_id]
-                key = (r.worker, self.pipeline_of[0][i], self.pipeline_of[1][i])
-                self.loads.setdefault(key, {c: getattr(r, c) for c in LOAD_COLUMNS})
-        self.pending.append(self.p.result_table(batch, self.position))
-        for status in batch["status"]:
-            self.counts[status] = self.counts.get(status, 0) + 1
-        self.counts["truncated"] += int(batch["prompt_truncated"].sum())
-        self.calls.add(batch["batch_size"])
-        self.progress.update(len(batch))
-        self.progress.set_postfix(errors=self.counts["error"], refresh=False)
-        if (sum(t.num_rows for t in self.pending) >= self.shard_rows
-                or time.monotonic() - self.last_flush > self.flush_seconds):
-            self.flush()
-
-    def rest(self) -> pa.Table:
-        """The plan's rows that have not arrived yet."""
-        done = pa.array(list(self.written), pa.string())
-        return self.p.todo.filter(pc.invert(pc.is_in(self.p.todo.column("sample_id"), done)))
-
-    def load_records(self) -> list[dict]:
-        """Per worker and (model, quant): load time (s), the process's peak memory during load and
-        warm-up (bytes; resident set on CPU, allocated on a GPU) and the pipeline's weight bytes."""
-        return [{"worker": w, "model": m, "quant": q, **{k: None if v != v else float(v) for k, v in stats.items()}}
-                for (w, m, q), stats in sorted(self.loads.items())]
-
-    def flush(self) -> None:
-        if self.pending:
-            self.p.lease.check()  # never commit after another run took the directory over
-            self.p.store.commit_shard(pa.concat_tables(self.pending), self.p.run_id, self.seq)
-            self.seq += 1
-            self.pending.clear()
-        self.last_flush = time.monotonic()
 
 
 def _stopped(e: BaseException, ray, p: Plan, o: RunOptions, commit: ShardCommitter, record: dict, this_run: dict,
              out: str, num_gpus: float) -> int:
-    """After a failure or Ctrl-C: commit what arrived (unless the lease is lost), record why, say how to resume."""
+    """After a failure or Ctrl-C: what arrived is committed already; record why (unless the lease
+    is lost), say how to resume."""
     lost = isinstance(e, LeaseLostError)
-    if not lost:
-        try:
-            commit.flush()
-        except LeaseLostError as le:
-            e, lost = le, True
     commit.progress.close()
     reason = "interrupted" if isinstance(e, KeyboardInterrupt) else innermost_cause(e)
     if isinstance(e, ray.exceptions.GetTimeoutError):

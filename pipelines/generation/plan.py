@@ -11,10 +11,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-import pandas as pd
 import pyarrow as pa
 
-from pipelines.contract import RESULT_SCHEMA
 from pipelines.errors import InputError
 from pipelines.registry.loras import adapters, check_available as check_lora_available
 from pipelines.registry.models import ModelRegistry
@@ -23,11 +21,6 @@ from pipelines.validation import manifest_digest, order_by_run_key, validate_man
 from pipelines.storage.lease import Lease
 from pipelines.storage.manifest import read_manifest
 from pipelines.storage.results import ResultStore, check_out_location, new_run_id
-
-# What travels from the workers to the driver: the id plus the result columns (raw pixels
-# until the PNG stage). The driver joins it back to the manifest row, extras included.
-RESULT_ONLY = [f.name for f in RESULT_SCHEMA]
-
 
 @dataclass
 class Plan:
@@ -48,14 +41,6 @@ class Plan:
     def abandon(self) -> None:
         """Give --out back as it was found (see `abandon`)."""
         abandon(self.lease, self.store, self.created)
-
-    def result_table(self, batch: pd.DataFrame, position: dict) -> pa.Table:
-        """Result rows of `batch` joined to their manifest rows (the user's extra columns included)."""
-        rows = self.manifest.take(pa.array([position[sid] for sid in batch["sample_id"]], type=pa.int64()))
-        results = pa.Table.from_pandas(batch[RESULT_ONLY], schema=RESULT_SCHEMA, preserve_index=False)
-        for field in RESULT_SCHEMA:
-            rows = rows.append_column(field, results.column(field.name))
-        return rows.replace_schema_metadata(None)
 
 
 def plan(manifest_path: str, out: str, *, model: str | None = None, models_file: str | None = None,

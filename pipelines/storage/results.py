@@ -61,6 +61,12 @@ class ResultStore:
         self.fs, self.root = filesystem_and_path(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def address(self) -> str:
+        """Where another process (a Ray worker writing staged shards) finds this directory: the
+        absolute path on local disk, else the URI."""
+        return self.root if self.local else self.uri
+
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
@@ -251,6 +257,34 @@ class ResultStore:
     def commit_shard(self, table: pa.Table, run_id: str, seq: int) -> str:
         """Write one shard atomically; returns its path."""
         return self._write_table(table, f"{SHARD_PREFIX}{run_id}-{seq:05d}.parquet")
+
+    def stage_table(self, table: pa.Table) -> str:
+        """Write a shard under _staging/ with a name of its own (a worker does this; readers
+        never look there); returns its path for commit_staged or discard_staged."""
+        path = self._staging_path("staged.parquet")
+        pq.write_table(table, path, filesystem=self.fs)
+        return path
+
+    def commit_staged(self, staged: str, run_id: str, seq: int) -> str:
+        """Make a staged shard visible under its final name, whole or not at all: a rename on
+        local disk; on an object store (no rename) a server-side copy, then the staged copy is
+        deleted (a run that dies between the two leaves only staging, which the next run's
+        prepare() clears). Returns the committed path."""
+        final = self._path(f"{SHARD_PREFIX}{run_id}-{seq:05d}.parquet")
+        if self.local:
+            if not os.path.exists(staged):
+                raise InputError(
+                    f"--out {self.uri}: a worker's staged shard {staged} is not there for the driver: on a cluster "
+                    "of several nodes a local --out must be storage every node shares (NFS), or use s3://")
+            self.fs.move(staged, final)
+        else:
+            self.fs.copy_file(staged, final)
+            self.fs.delete_file(staged)
+        return final
+
+    def discard_staged(self, staged: str) -> None:
+        """Drop a staged shard whose rows are all committed already (Ray ran its block twice)."""
+        self.fs.delete_file(staged)
 
     def _staging_path(self, name: str) -> str:
         self.fs.create_dir(self._path(STAGING_DIR), recursive=True)
