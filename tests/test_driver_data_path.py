@@ -29,7 +29,7 @@ def test_the_driver_receives_shard_paths_and_ids_not_images(tmp_path, ray_local,
     assert len(done) == 48 and done.sample_id.is_unique and len(list(out.glob("part-*.parquet"))) == 3
     assert Image.open(io.BytesIO(done.image.iloc[0])).size == (128, 128)
     assert done.prompt.iloc[0].startswith("output benchmark")  # joined to its manifest row on the worker
-    assert not os.listdir(out / STAGING_DIR)
+    assert not (out / STAGING_DIR).exists()  # every staged shard was committed
 
 
 def test_a_shard_staged_twice_is_committed_once(tmp_path):

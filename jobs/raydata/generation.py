@@ -26,6 +26,7 @@ from pipelines.generation.speed import SpeedOptions
 from pipelines.generation.output import ShardCommitter, stage_shard
 from pipelines.generation.worker import CALL_ROWS_CONTINUOUS, GenerateActor
 from pipelines.storage.lease import LeaseLostError
+from pipelines.storage.manifest import object_store_env
 from pipelines.validation import check_device
 
 
@@ -72,6 +73,7 @@ def run_generation(p: Plan, o: RunOptions, record: dict, this_run: dict, out: st
         return _stopped(e, ray, p, o, commit, record, this_run, out, num_gpus)
     commit.progress.close()
     ray.kill(attempts)
+    p.store.drop_staging_dir()  # every staged shard is committed (or was a duplicate)
     restarts = _actor_restarts()
     counts = commit.counts
     this_run.update(finished_at=now(), ok=counts["ok"], error=counts["error"], shards=commit.seq,
@@ -150,8 +152,15 @@ def _dataset(ray, p: Plan, o: RunOptions, pool: int, num_gpus: float, attempts_n
         )
         # PNG encoding and the shard write run where the pixels are; the driver gets a row per shard.
         .map_batches(stage_shard, batch_size=o.shard_rows, batch_format="pandas", num_cpus=0.5,
-                     fn_kwargs=dict(out=p.store.address, todo=p.todo))
+                     fn_kwargs=dict(out=p.store.address, todo=p.todo), **stage_remote_args(p.store.uri))
     )
+
+
+def stage_remote_args(out: str) -> dict:
+    """Ray options of the shard-writing tasks: on an object store, the driver's S3 settings
+    (merged into the job's runtime_env), so a job run by hand on a cluster writes there too."""
+    env = object_store_env(out)
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _stopped(e: BaseException, ray, p: Plan, o: RunOptions, commit: ShardCommitter, record: dict, this_run: dict,

@@ -13,6 +13,11 @@ import pyarrow.parquet as pq
 from pipelines.errors import InputError
 
 PARQUET_MAGIC = b"PAR1"
+# The environment variables pyarrow's S3 filesystem (and boto) read: where the store is and
+# who we are. Workers that write to the store get the driver's values (object_store_env).
+OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -22,6 +27,18 @@ def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     import os
 
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def object_store_env(uri: str) -> dict[str, str]:
+    """The driver's object-store settings (OBJECT_STORE_ENV that are set) for processes that
+    write `uri` on its behalf, so they write where the driver reads; {} for a local path. A
+    worker node's own settings would do too, but a job run by hand on a cluster (RAY_ADDRESS)
+    has them only in the driver's shell."""
+    import os
+
+    if "://" not in uri:
+        return {}
+    return {k: os.environ[k] for k in OBJECT_STORE_ENV if k in os.environ}
 
 
 def read_manifest(uri: str) -> pa.Table:

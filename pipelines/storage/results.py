@@ -286,8 +286,16 @@ class ResultStore:
         """Drop a staged shard whose rows are all committed already (Ray ran its block twice)."""
         self.fs.delete_file(staged)
 
+    def drop_staging_dir(self) -> None:
+        """Remove _staging/ itself after a finished run (an object store keeps an empty
+        "directory" marker there once its last staged shard is deleted)."""
+        staging = self._path(STAGING_DIR)
+        if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
+            self.fs.delete_dir(staging)
+
     def _staging_path(self, name: str) -> str:
-        self.fs.create_dir(self._path(STAGING_DIR), recursive=True)
+        if self.local:  # an object store has no directories to make
+            self.fs.create_dir(self._path(STAGING_DIR), recursive=True)
         return self._path(f"{STAGING_DIR}/{uuid.uuid4().hex[:8]}-{name}")
 
     def _write_table(self, table: pa.Table, name: str) -> str:
