@@ -6,6 +6,7 @@ import json
 import os
 
 import pandas as pd
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -54,3 +55,16 @@ def test_a_shard_staged_twice_is_committed_once(tmp_path):
     assert sorted(map(len, ids)) == [4, 4] and len(set(ids[0]) | set(ids[1])) == 8
     assert commit.counts["ok"] == 8 and commit.rest().num_rows == 4 and commit.calls.mean() == 4
     assert not os.listdir(tmp_path / "out" / STAGING_DIR)  # the duplicate and the rewritten one are gone
+
+
+def test_a_staged_shard_the_driver_cannot_see_is_named(tmp_path):
+    """A local --out that is not shared storage: a worker on another node staged the shard on
+    its own disk, and the driver says what --out must be instead of losing the rows silently."""
+    from pipelines.errors import InputError
+    from pipelines.storage.results import ResultStore
+
+    store = ResultStore(str(tmp_path / "out"))
+    store.create()
+    with pytest.raises(InputError, match=r"--out .*not there for the driver.*NFS.*s3://"):
+        store.commit_staged(str(tmp_path / "out" / STAGING_DIR / "elsewhere.parquet"), "20261202T000000-abcdef", 0)
+    assert not store.shard_paths()
