@@ -59,23 +59,30 @@ def s3_env():
         server.stop()
 
 
-def test_generate_round_trip_and_resume_on_s3(s3_env, ray_local):
+@pytest.fixture(scope="module")
+def s3_results(s3_env, ray_local):
+    """One generation run on the bucket (embedded model, 2 prompts x 2 seeds x 2 schedulers), shared by
+    the round-trip test and the evaluation test: each generation run pays for an actor and a model load."""
     fs = s3_env
-    rows = [dict(prompt=p, seed=s, model="tiny-random", steps=2, height=32, width=32)
-            for p in ["a red circle", "a blue square"] for s in [1, 2, 3]]
+    rows = [dict(prompt=p, seed=s, model="embedded", steps=4, scheduler=sch)
+            for p in ["a red circle", "a blue square"] for s in [1, 2] for sch in ["ddim", "euler"]]
     pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), f"{BUCKET}/m.parquet", filesystem=fs)
     args = [f"s3://{BUCKET}/m.parquet", "--out", f"s3://{BUCKET}/results/", "--no-progress"]
-
     assert gen_job.main(args) == 0
+    return args
+
+
+def test_generate_round_trip_and_resume_on_s3(s3_env, s3_results):
+    fs, args = s3_env, s3_results
     shards = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/results"))
                     if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
     assert shards
     df = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in shards]).to_pandas()
-    assert len(df) == 6 and df.sample_id.is_unique, df.sample_id.tolist()
+    assert len(df) == 8 and df.sample_id.is_unique, df.sample_id.tolist()
     assert (df.status == "ok").all(), df.error.dropna().unique()
     for png in df.image:
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        assert Image.open(io.BytesIO(png)).size == (32, 32)
+        assert Image.open(io.BytesIO(png)).size == (64, 64)  # the embedded model's size
 
     assert gen_job.main(args) == 0  # the same command again: resumes with nothing to do
     again = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/results"))
@@ -83,11 +90,13 @@ def test_generate_round_trip_and_resume_on_s3(s3_env, ray_local):
     assert again == shards
     with fs.open_input_stream(f"{BUCKET}/results/_run.json") as f:
         run = json.loads(f.read().decode())
-    assert [r["todo"] for r in run["runs"]] == [6, 0] and run["runs"][-1]["skipped_done"] == 6
-    left = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/results", recursive=True)))
+    assert [r["todo"] for r in run["runs"]] == [8, 0] and run["runs"][-1]["skipped_done"] == 8
+    # (the evaluation test's feature cache, results/_features/, is its own: checked there)
+    left = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/results", recursive=True))
+                  if not i.path.startswith(f"{BUCKET}/results/_features"))
     assert left == [f"{BUCKET}/results/_run.json", *again]  # no lease or staging left behind
     total = sum(pq.read_metadata(p, filesystem=fs).num_rows for p in again)
-    assert total == 6
+    assert total == 8
 
 
 def listing(fs, prefix: str) -> list[str]:
@@ -109,13 +118,9 @@ def put_manifest(fs, key: str, rows) -> str:
     return f"s3://{BUCKET}/{key}"
 
 
-def test_evaluate_s3_results_and_s3_reference_into_a_local_report(s3_env, ray_local, tmp_path, capsys):
+def test_evaluate_s3_results_and_s3_reference_into_a_local_report(s3_env, s3_results, tmp_path, capsys):
     fs = s3_env
-    rows = [dict(prompt=p, seed=s, model="embedded", steps=4, scheduler=sch)
-            for p in ["a red circle", "a blue square"] for s in [1, 2] for sch in ["ddim", "euler"]]
-    manifest = put_manifest(fs, "ev/m.parquet", rows)
-    results = f"s3://{BUCKET}/ev/results/"
-    assert gen_job.main([manifest, "--out", results, "--no-progress"]) == 0
+    results = s3_results[2]  # s3://bucket/results/
 
     # Reference statistics written to the bucket, then read from it.
     stats = f"s3://{BUCKET}/ev/stats/domain.npz"
@@ -136,7 +141,7 @@ def test_evaluate_s3_results_and_s3_reference_into_a_local_report(s3_env, ray_lo
     assert sorted(metrics.scheduler) == ["ddim", "euler"] and (metrics.n == 4).all()
     assert metrics.fid.notna().all() and (metrics.fid > 0).all(), metrics[["scheduler", "fid"]]
     assert (report / "report.html").stat().st_size > 0
-    cached = listing(fs, f"{BUCKET}/ev/results/_features")
+    cached = listing(fs, f"{BUCKET}/results/_features")
     assert any("/part-" in p for p in cached) and any(p.rsplit("/", 1)[-1].startswith("text-") for p in cached)
     assert not any("_staging" in p or p.endswith(".tmp") for p in cached), cached
 
@@ -148,9 +153,9 @@ def test_evaluate_s3_results_and_s3_reference_into_a_local_report(s3_env, ray_lo
     assert "(0 images had features computed)" in capsys.readouterr().err
     same = pd.read_parquet(again / "metrics.parquet")
     assert (same.n == 4).all() and same.fid.notna().all()
-    assert any(p.rsplit("/", 1)[-1].startswith("ref-results-") for p in listing(fs, f"{BUCKET}/ev/results/_features"))
-    top = [p for p in listing(fs, f"{BUCKET}/ev/results") if "/_features/" not in p]
-    assert top == sorted([f"{BUCKET}/ev/results/_run.json", *committed(fs, f"{BUCKET}/ev/results")])  # no report there
+    assert any(p.rsplit("/", 1)[-1].startswith("ref-results-") for p in listing(fs, f"{BUCKET}/results/_features"))
+    top = [p for p in listing(fs, f"{BUCKET}/results") if "/_features/" not in p]
+    assert top == sorted([f"{BUCKET}/results/_run.json", *committed(fs, f"{BUCKET}/results")])  # no report there
 
 
 def test_evaluate_refuses_what_is_not_there_on_s3(s3_env, tmp_path, capsys):
