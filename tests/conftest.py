@@ -64,6 +64,39 @@ def tiny_model():
     return load_model(ModelRegistry().get("tiny-random"))
 
 
+# A CLIP of open_clip's own ViT/text-transformer classes, ~1.7 M parameters (most in the token
+# table of the 49408-token BPE vocabulary that open_clip ships); SimpleTokenizer, no download.
+TINY_OPEN_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """(model directory, the in-memory model it was saved from): a tiny open_clip model built
+    from TINY_OPEN_CLIP_CFG with random weights, saved in open_clip's hub layout
+    (open_clip_config.json beside open_clip_model.safetensors), the way a user's local model is.
+    Session-wide so that tests/test_evaluate_job.py runs the job through it on its own results;
+    skips where open_clip (or the torchvision it imports) does not import."""
+    import json
+
+    import torch
+
+    pytest.importorskip("torchvision", reason="open_clip imports torchvision")
+    open_clip = pytest.importorskip("open_clip", reason="pip install -e '.[openclip]' beside a torch/torchvision pair")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP_CFG).eval()
+    d = tmp_path_factory.mktemp("oc") / "tiny-open-clip"
+    d.mkdir()
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP_CFG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    return d, model
+
+
 def write_parquet(path: Path, rows) -> Path:
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path

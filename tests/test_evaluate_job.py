@@ -127,6 +127,47 @@ def test_precision_recall_density_coverage_and_cmmd_per_configuration(evaluated)
     assert "| precision | recall | density | coverage | CMMD [95% CI] |" in table.splitlines()[0]
 
 
+def test_evaluate_with_an_open_clip_model(evaluated, tiny_open_clip, tmp_path):
+    """--clip-pretrained DIR (open_clip, tests/conftest.py's tiny model) on the same results:
+    features, CLIP score and diversity per configuration are those of the open_clip model, and
+    every row names the model and its weights."""
+    from evals.feature_cache import files_digest
+    from evals.features import get_extractor
+
+    _, results, args = evaluated
+    d, _ = tiny_open_clip
+    out, ref = tmp_path / "report", args[args.index("--reference") + 1]
+    assert eval_job.main([str(results), "--features", "clip", "--clip-pretrained", str(d), "--reference", ref,
+                          "--cache", str(tmp_path / "cache"), "--out", str(out), "--n-boot", "10",
+                          "--no-progress"]) == 0
+    m = pd.read_parquet(out / "metrics.parquet")
+    digest = files_digest([d / "open_clip_model.safetensors"])
+    assert len(m) == 4 and (m.extractor == "clip:tiny-open-clip").all()
+    assert ((m.clip_model == m.extractor) & (m.diversity_features == m.extractor)).all()
+    assert ((m.clip_image_processor == "open_clip") & (m.clip_weights == digest) & (m.weights == digest)).all()
+    assert (m.feature_dim == 16).all() and np.isfinite(m.fid).all()  # FID on the open_clip features
+
+    rows = pd.concat([pd.read_parquet(p) for p in results.glob("part-*.parquet")]).reset_index(drop=True)
+    fe = get_extractor("clip", clip_pretrained=d, device="cpu")
+    img = fe(np.stack([try_decode(b)[0] for b in rows.image]))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    prompts = sorted(set(rows.prompt))
+    text = fe.embed_text(prompts)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    own = np.array([prompts.index(p) for p in rows.prompt])
+    raw = 100 * np.einsum("nd,nd->n", img, text[own])
+    assert not np.allclose(raw, 100 * np.einsum("nd,nd->n", img, text[1 - own]), atol=1e-3)  # prompt swapped
+    per_image = pd.read_parquet(out / "image_scores.parquet").set_index("sample_id")
+    np.testing.assert_allclose(per_image.loc[rows.sample_id, "clip_score_raw"], raw, rtol=1e-5, atol=1e-4)
+    for r in m.itertuples():
+        group = np.flatnonzero((rows.scheduler == r.scheduler) & (rows.guidance == r.guidance))
+        assert r.clip_score == pytest.approx(max(raw[group].mean(), 0.0), rel=1e-5, abs=1e-4)
+        dist = [np.mean([1 - img[i] @ img[j] for i in g for j in g if i < j])
+                for g in (group[own[group] == k] for k in range(len(prompts)))]
+        assert r.diversity == pytest.approx(np.mean(dist), rel=1e-5)
+        assert 1.0 <= r.vendi <= 3.0
+
+
 def test_second_run_reuses_cached_features(evaluated, capsys):
     tmp, results, args = evaluated
     cached = sorted((results / "_features").rglob("part-*.parquet"))
