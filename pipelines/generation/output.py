@@ -42,8 +42,9 @@ def stage_shard(batch: pd.DataFrame, *, out: str, todo: pa.Table) -> pd.DataFram
     user's extra ones included), which each result row is joined to."""
     batch = encode_pngs(batch)
     ids = batch["sample_id"].tolist()
-    position = dict(zip(todo.column("sample_id").to_pylist(), range(todo.num_rows)))
-    table = result_table(todo, batch, [position[sid] for sid in ids])
+    positions = pc.index_in(pa.array(ids, pa.string()), value_set=todo.column("sample_id")).to_pylist()
+    position = dict(zip(ids, positions))  # this shard's rows only: the lookup runs in Arrow, not over todo in Python
+    table = result_table(todo, batch, positions)
     store = ResultStore(out)
     staged = store.stage_table(table)
     loads = []

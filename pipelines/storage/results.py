@@ -256,7 +256,7 @@ class ResultStore:
 
     def commit_shard(self, table: pa.Table, run_id: str, seq: int) -> str:
         """Write one shard atomically; returns its path."""
-        return self._write_table(table, f"{SHARD_PREFIX}{run_id}-{seq:05d}.parquet")
+        return self._write_table(table, shard_name(run_id, seq))
 
     def stage_table(self, table: pa.Table) -> str:
         """Write a shard under _staging/ with a name of its own (a worker does this; readers
@@ -270,7 +270,7 @@ class ResultStore:
         local disk; on an object store (no rename) a server-side copy, then the staged copy is
         deleted (a run that dies between the two leaves only staging, which the next run's
         prepare() clears). Returns the committed path."""
-        final = self._path(f"{SHARD_PREFIX}{run_id}-{seq:05d}.parquet")
+        final = self._path(shard_name(run_id, seq))
         if self.local:
             if not os.path.exists(staged):
                 raise InputError(
@@ -315,6 +315,11 @@ class ResultStore:
             f.write(data)
         if staging != path:
             self.fs.move(staging, path)
+
+
+def shard_name(run_id: str, seq: int) -> str:
+    """A committed shard's file name (OWN_SHARD matches it)."""
+    return f"{SHARD_PREFIX}{run_id}-{seq:05d}.parquet"
 
 
 def _not_results(schema: pa.Schema) -> str | None:
