@@ -57,21 +57,24 @@ def test_fused_qkv_keeps_pixels_with_and_without_feature_reuse(tiny_model):
                     reason="torch.compile (inductor) needs a C++ compiler on CPU")
 def test_compile_keeps_pixels_and_does_not_recompile_per_configuration(tiny_model):
     fast = copy_with(tiny_model, SpeedOptions(compile="default"))
-    warm = rows_for(**ROWS, scheduler=["ddim", "euler"], guidance=[7.5, 1.0])  # int and float timesteps, CFG and not
+    # Guided rows, int and float timesteps (each dtype is a graph); the UNet sees 2 latents per
+    # call, as in a CFG batch. An unguided row at batch size 1 would be one more graph (a shape).
+    warm = rows_for(**ROWS, scheduler=["ddim", "euler"], guidance=[7.5, 5.0])
     generate(fast, warm, batch_sizes=1)
     graphs = compiled_graphs()
     rows = rows_for(prompt=["a green triangle", "x"], seed=[5, 6], steps=[4, 2], scheduler=["dpmpp_2m", "lms"],
-                    guidance=[3.0, 1.0])
+                    guidance=[3.0, 2.0])
     got = generate(fast, rows, batch_sizes=1)
     assert compiled_graphs() == graphs  # new schedulers, step counts and scales: values, not shapes
     assert max_diff(got, generate(tiny_model, rows, batch_sizes=1)) <= 1
     # Continuous batching on the compiled model: per-row timesteps, rows joining freed slots, UNet
-    # batches of 4, 3 and 2 latents, CFG and not. The rows are chosen so that every UNet call has
+    # batches of 3, 4 and 2 latents, CFG and not. The rows are chosen so that every UNet call has
     # at least 2 latents and rows finish one at a time: one more graph, with a dynamic batch size
     # (size 1 is always specialized, and a 2-row VAE decode would be a second dynamic graph), so the
     # test pays one compile here instead of three.
-    mixed = rows + warm[:1] + rows_for(prompt=["a blue square"], seed=[4], steps=[2], scheduler=["euler"],
-                                       guidance=[5.0])
+    unguided = rows_for(prompt=["x"], seed=[6], steps=[2], scheduler=["lms"], guidance=[1.0])
+    mixed = rows[:1] + unguided + warm[:1] + rows_for(prompt=["a blue square"], seed=[4], steps=[2],
+                                                      scheduler=["euler"], guidance=[5.0])
     got = generate_continuous(fast, mixed, max_batch_size=2)
     assert compiled_graphs() == graphs + 1, "the continuous run should add one graph, dynamic in the batch size"
     assert max_diff(got, generate(tiny_model, mixed)) <= 1
