@@ -2,8 +2,10 @@
 real runs of the embedded model into one history: a baseline, an unchanged rerun (not
 flagged) and a quality drop (1 DDIM step instead of 8: flagged on its metrics, exit 3). A
 slowdown is the unchanged run's own record judged again after the earlier good runs'
-images/s were tripled in the history: as if the machine or the code had become 3x slower,
-whatever else loads the machine (a fourth real run would only repeat the second)."""
+images/s were multiplied by 10 in the history: as if the machine or the code had become 10x
+slower. The runs allow an 80% drop (--tolerance 0.8), so that a loaded CI machine (runs 4x
+apart were seen at load 11) does not flag the unchanged run; a fourth real run would only
+repeat the second."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def runs(tmp_path_factory, ray_local):
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             rc = benchmark.main(["--suite", "quality", "--images", "16", "--steps", str(steps), "--reference",
-                                 "embedded:64", "--history", str(history), "--out", str(out), "--tolerance", "0.5",
+                                 "embedded:64", "--history", str(history), "--out", str(out), "--tolerance", "0.8",
                                  *extra])
         return rc, stdout.getvalue()
 
@@ -74,12 +76,12 @@ def test_a_quality_drop_is_flagged_on_its_metrics_and_names_the_change(runs):
 def test_a_slowdown_is_flagged_on_throughput_against_the_last_good_runs(runs):
     out, history, _ = runs
     earlier = history.copy()
-    earlier.loc[:1, "images_per_s"] *= 3
+    earlier.loc[:1, "images_per_s"] *= 10
     slow = {**history.iloc[1].to_dict(), "run_id": "slow", "created_at": "9999-01-01T00:00:00"}
-    lines = "\n".join(judge(slow, earlier, tolerance=0.5, window=5))
+    lines = "\n".join(judge(slow, earlier, tolerance=0.8, window=5))
     assert slow["regressed"] == "images/s", lines  # the same images as the baseline's
     assert slow["baseline_run_id"] == history.iloc[1].run_id  # the drop is not a baseline
-    assert "SLOWER beyond 50%" in lines and "verdict: REGRESSION in images/s" in lines
+    assert "SLOWER beyond 80%" in lines and "verdict: REGRESSION in images/s" in lines
     assert "WORSE" not in lines and "changed since" not in lines
     with Image.open(out / "quality_history.png") as im:
         assert im.width > 100 and im.height > 100
